@@ -1,0 +1,7 @@
+"""``python -m labkit`` runs the command line, like the ``labkit`` script."""
+
+import sys
+
+from labkit.cli import main
+
+sys.exit(main())
