@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BACKENDS = ("auto", "sdpa", "math")
+Device = torch.device | str | None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +117,8 @@ def scaled_dot_product_attention(
         )
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(
-            f"k and v must have the same length k_len, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            f"k and v must have the same length k_len, got k {tuple(k.shape)} and "
+            f"v {tuple(v.shape)}"
         )
     try:
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
@@ -157,7 +159,7 @@ def _check_non_negative(name: str, value: int) -> None:
 
 
 def padding_mask(
-    lengths: Tensor | Sequence[int], max_len: int | None = None, *, device=None
+    lengths: Tensor | Sequence[int], max_len: int | None = None, *, device: Device = None
 ) -> Tensor:
     """Key padding mask from sequence lengths. True = may attend (a real token).
 
@@ -184,7 +186,7 @@ def padding_mask(
     return (positions < lengths[:, None])[:, None, None, :]
 
 
-def padding_mask_from_ids(input_ids: Tensor, pad_id: int, *, device=None) -> Tensor:
+def padding_mask_from_ids(input_ids: Tensor, pad_id: int, *, device: Device = None) -> Tensor:
     """Key padding mask from token ids. True = may attend (token is not ``pad_id``).
 
     Args:
@@ -198,7 +200,7 @@ def padding_mask_from_ids(input_ids: Tensor, pad_id: int, *, device=None) -> Ten
     return (input_ids != pad_id)[:, None, None, :].to(device)
 
 
-def causal_mask(q_len: int, k_len: int | None = None, *, device=None) -> Tensor:
+def causal_mask(q_len: int, k_len: int | None = None, *, device: Device = None) -> Tensor:
     """Causal mask, bottom-right aligned. True = may attend.
 
     Query i may attend key j iff j <= i + (k_len - q_len): the last query sees every key, as
@@ -215,13 +217,15 @@ def causal_mask(q_len: int, k_len: int | None = None, *, device=None) -> Tensor:
     return ones.tril(diagonal=k_len - q_len)
 
 
-def _offsets(seq_len: int, device) -> Tensor:
+def _offsets(seq_len: int, device: Device) -> Tensor:
     """(seq_len, seq_len) matrix of i - j (query index minus key index)."""
     idx = torch.arange(seq_len, device=device)
     return idx[:, None] - idx[None, :]
 
 
-def sliding_window_mask(seq_len: int, window: int, causal: bool = False, *, device=None) -> Tensor:
+def sliding_window_mask(
+    seq_len: int, window: int, causal: bool = False, *, device: Device = None
+) -> Tensor:
     """Local attention band. True = may attend.
 
     Non-causal: query i attends key j iff |i - j| <= window (2 * window + 1 keys inside the
@@ -239,7 +243,7 @@ def sliding_window_mask(seq_len: int, window: int, causal: bool = False, *, devi
 
 
 def longformer_mask(
-    seq_len: int, window: int, global_tokens: Sequence[int] | Tensor, *, device=None
+    seq_len: int, window: int, global_tokens: Sequence[int] | Tensor, *, device: Device = None
 ) -> Tensor:
     """Longformer pattern (Beltagy et al. 2020): a sliding window plus global tokens.
     True = may attend.
@@ -274,7 +278,7 @@ def block_sparse_mask(
     n_global_blocks: int = 0,
     causal: bool = False,
     *,
-    device=None,
+    device: Device = None,
 ) -> Tensor:
     """BigBird-style block-sparse pattern without the random blocks. True = may attend.
 
@@ -326,7 +330,7 @@ class KVCache:
         return 0 if self.k is None else self.k.shape[-2]
 
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Append (B, H_kv, new, d_k) keys/values; return everything cached, (B, H_kv, seen, d_k)."""
+        """Append (B, H_kv, new, d_k) keys/values; return all cached ones, (B, H_kv, seen, d_k)."""
         if k_new.dim() != 4 or k_new.shape != v_new.shape:
             raise ValueError(
                 f"k_new and v_new must both be (batch, n_kv_heads, new, head_dim), got "
@@ -578,7 +582,7 @@ class LinformerSelfAttention(nn.Module):
     matrices E and F of shape (k, seq_len), so each query scores k mixed keys and the weights
     are (B, H, T, k). E and F are shared across heads (the paper's "headwise" sharing);
     ``share_kv=True`` also uses E for the values (F = E). An input shorter than ``seq_len``
-    uses the first T columns of E and F (as if the missing positions were zero padding).
+    uses the first T columns of E and F (as if the missing positions had zero keys and values).
     """
 
     def __init__(

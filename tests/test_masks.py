@@ -126,7 +126,10 @@ def test_longformer_global_rows_and_columns(device):
     mask = longformer_mask(seq_len, window, global_tokens, device=device)
     assert mask.shape == (seq_len, seq_len) and mask.device.type == device.type
     assert mask[global_tokens, :].all() and mask[:, global_tokens].all()
-    rule = lambda i, j: abs(i - j) <= window or i in global_tokens or j in global_tokens  # noqa: E731
+
+    def rule(i, j):
+        return abs(i - j) <= window or i in global_tokens or j in global_tokens
+
     assert torch.equal(mask.cpu(), expected(seq_len, seq_len, rule))
 
 
