@@ -27,9 +27,13 @@ def _variants(d_model: int, n_heads: int, seq_len: int, rank: int) -> dict[str, 
     return {
         "full (math)": (MultiHeadAttention(d_model, n_heads, backend="math"), seq_len * seq_len),
         "full (sdpa)": (MultiHeadAttention(d_model, n_heads, backend="sdpa"), seq_len * seq_len),
-        f"linformer k={rank}": (LinformerSelfAttention(d_model, n_heads, seq_len, rank), seq_len * rank),
+        f"linformer k={rank}": (
+            LinformerSelfAttention(d_model, n_heads, seq_len, rank),
+            seq_len * rank,
+        ),
         f"nystrom m={landmarks}": (
-            NystromSelfAttention(d_model, n_heads, landmarks), 2 * seq_len * landmarks + landmarks**2
+            NystromSelfAttention(d_model, n_heads, landmarks),
+            2 * seq_len * landmarks + landmarks**2,
         ),
     }
 
@@ -46,13 +50,17 @@ def main() -> None:
     args = parser.parse_args()
 
     device = get_device(args.device)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"batch={args.batch} d_model={args.d_model} heads={args.heads}")
+    print(
+        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"batch={args.batch} d_model={args.d_model} heads={args.heads}"
+    )
     print(f"{'variant':<18}{'T':>7}{'time (ms)':>12}{'attn scores (MB)':>18}{'peak CUDA (MB)':>16}")
     seq_len = args.min_len
     while seq_len <= args.max_len:
         x = torch.randn(args.batch, seq_len, args.d_model, device=device)
-        for name, (module, entries) in _variants(args.d_model, args.heads, seq_len, args.rank).items():
+        for name, (module, entries) in _variants(
+            args.d_model, args.heads, seq_len, args.rank
+        ).items():
             module = module.to(device).eval()
             matrix_mb = args.batch * args.heads * entries * x.element_size() / 2**20
             with torch.no_grad():
@@ -60,7 +68,11 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats(device)
                 timer = benchmark.Timer("module(x)", globals={"module": module, "x": x})
                 ms = timer.blocked_autorange(min_run_time=0.5).median * 1e3
-                peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:16.1f}" if device.type == "cuda" else f"{'n/a':>16}"
+                peak = (
+                    f"{torch.cuda.max_memory_allocated(device) / 2**20:16.1f}"
+                    if device.type == "cuda"
+                    else f"{'n/a':>16}"
+                )
             print(f"{name:<18}{seq_len:>7}{ms:>12.2f}{matrix_mb:>18.2f}{peak}")
         seq_len *= 2
 

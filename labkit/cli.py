@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print versions and the device labkit will use")
     info.set_defaults(run=_info)
 
-    demo = commands.add_parser("demo", help="a two-minute tour of labkit's attention, each claim checked")
+    demo = commands.add_parser(
+        "demo", help="a two-minute tour of labkit's attention, each claim checked"
+    )
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)

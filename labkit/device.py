@@ -33,7 +33,9 @@ def get_device(preference: str | torch.device = "auto") -> torch.device:
     name = preference.strip().lower()
     kind = name.split(":", 1)[0]
     if kind not in DEVICE_CHOICES:
-        raise ValueError(f"device must be one of {DEVICE_CHOICES} (optionally 'cuda:N'), got {preference!r}")
+        raise ValueError(
+            f"device must be one of {DEVICE_CHOICES} (optionally 'cuda:N'), got {preference!r}"
+        )
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -42,14 +44,19 @@ def get_device(preference: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {preference!r} requested but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+            raise ValueError(
+                f"device {preference!r} requested but torch sees no CUDA GPU; use 'auto' or 'cpu'"
+            )
         index = torch.device(name).index
         if index is not None and index >= torch.cuda.device_count():
             raise ValueError(
-                f"device {preference!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"device {preference!r} requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist"
             )
     if kind == "mps" and not _mps_available():
-        raise ValueError(f"device {preference!r} requested but the MPS backend is not available here")
+        raise ValueError(
+            f"device {preference!r} requested but the MPS backend is not available here"
+        )
     return torch.device(name)
 
 

@@ -3,6 +3,7 @@
 Every test that takes the ``device`` fixture runs on the CPU and, when a CUDA GPU is present,
 again on the GPU (reported as skipped otherwise), so the GPU path is tested wherever it exists.
 """
+
 import pytest
 import torch
 

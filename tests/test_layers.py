@@ -88,7 +88,7 @@ def test_norms_pass_gradcheck(make_norm):
     names = [name for name, _ in norm.named_parameters()]
 
     def f(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(norm, dict(zip(names, params)), (x,))
+        return torch.func.functional_call(norm, dict(zip(names, params, strict=True)), (x,))
 
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_() for p in norm.parameters()]

@@ -1,6 +1,8 @@
 """The project's own promises: the layout is as documented and CI runs the README's commands."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +22,18 @@ def _ci_lines() -> list[str]:
 
 
 def test_top_level_layout():
-    for name in ["README.md", "pyproject.toml", "environment.yml", "labkit", "notebooks", "data",
-                 "tests", "book", "benchmarks", ".ci/run"]:
+    for name in [
+        "README.md",
+        "pyproject.toml",
+        "environment.yml",
+        "labkit",
+        "notebooks",
+        "data",
+        "tests",
+        "book",
+        "benchmarks",
+        ".ci/run",
+    ]:
         assert (ROOT / name).exists(), f"missing top-level entry {name}"
 
 
@@ -45,3 +57,24 @@ def test_environment_yml_installs_from_pyproject():
     env = (ROOT / "environment.yml").read_text()
     assert "python=3.11" in env
     assert "-e .[dev,book]" in env
+
+
+def test_code_is_lint_clean():
+    """ruff (configured in pyproject.toml) finds nothing in the package, tests or benchmarks."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--output-format",
+            "concise",
+            "labkit",
+            "tests",
+            "benchmarks",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
