@@ -2,9 +2,11 @@
 
 Modules hold one idea each: ``attention`` (scaled dot-product and multi-head attention, masks,
 KV cache, efficient variants), ``positional`` (sinusoidal, learned, relative, rotary, ALiBi),
-``layers`` (norms, feed-forward, encoder and decoder layers) and ``device`` (device, seed and
-precision helpers). Import what you need from them, e.g.
-``from labkit.attention import MultiHeadAttention``.
+``layers`` (norms, feed-forward, encoder and decoder layers), ``device`` (device, seed and
+precision helpers), ``data`` (the packaged corpora and synthetic tasks), ``tokenizers``
+(character and BPE), ``augment`` (text augmentation), ``schedules`` (learning-rate schedules),
+``train`` (the ``Trainer``) and ``distributed`` (data-parallel training under ``torchrun``).
+Import what you need from them, e.g. ``from labkit.attention import MultiHeadAttention``.
 """
 
 __version__ = "0.1.0"

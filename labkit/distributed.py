@@ -28,9 +28,7 @@ and turns a crash or a hang of any worker into an error that shows the workers' 
 
 from __future__ import annotations
 
-import math
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -126,7 +124,9 @@ def _info_from_env(device: torch.device) -> DistributedInfo:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ValueError(f"distributed training runs on 'cpu' (gloo) or 'cuda' (nccl), got {device}")
+        raise ValueError(
+            f"distributed training runs on 'cpu' (gloo) or 'cuda' (nccl), got {device}"
+        )
     return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
@@ -165,6 +165,8 @@ def init_distributed(device: torch.device | str, *, timeout_s: float = 300.0) ->
                 rank=info.rank,
                 world_size=info.world_size,
                 timeout=timedelta(seconds=timeout_s),
+                # Binding NCCL to this rank's GPU up front avoids it guessing (and warning).
+                device_id=torch.device("cuda", info.local_rank) if info.backend == "nccl" else None,
             )
             _created_group = True
     _info = info
@@ -189,7 +191,7 @@ def wrap_model(model: nn.Module, info: DistributedInfo, device: torch.device | s
     DDP copies rank 0's weights to every rank once, then averages gradients across ranks
     during ``backward()``. The model is moved to this rank's device first, because DDP needs
     its parameters where the computation happens. With one process the model is returned
-    unchanged. Unwrap with ``model.module`` (e.g. before saving a state dict).
+    unchanged. :func:`unwrap_model` gives back the plain model (e.g. to save its state dict).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -211,15 +213,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def make_sampler(
     dataset: Dataset, info: DistributedInfo, *, shuffle: bool, seed: int
 ) -> Sampler | None:
-    """A ``DistributedSampler`` giving each rank its own 1/W of ``dataset``, or None for one process.
+    """A ``DistributedSampler`` giving each rank its own 1/W of ``dataset``; None for one process.
 
     The sampler deals the (optionally shuffled, with ``seed``) index list out like cards:
     rank r gets positions r, r + W, r + 2W, ... With per-rank batches of b = B // W the W
-    batches of step k therefore cover exactly positions k*B .. k*B + B - 1, the k-th global
-    batch of a single-process run. ``drop_last=True`` trims the tail so every rank gets the
-    same number of examples; otherwise the ranks would run different numbers of steps and
-    the gradient all-reduce would wait forever. Call ``sampler.set_epoch(epoch)`` each epoch
-    to get a fresh shuffle.
+    batches of step k therefore cover exactly positions k*B .. k*B + B - 1: the k-th batch of
+    one process reading the same sampler with ``num_replicas=1`` (as the Trainer does), so
+    shuffled runs on 1 and W processes see the same global batches. ``drop_last=True`` trims
+    the tail so every rank gets the same number of examples; otherwise the ranks would run
+    different numbers of steps and the gradient all-reduce would wait forever. Call
+    ``sampler.set_epoch(epoch)`` each epoch to get a fresh shuffle.
     """
     if not info.enabled:
         return None
@@ -238,7 +241,7 @@ def make_sampler(
     )
 
 
-def all_reduce_mean(value: float, info: DistributedInfo) -> float:
+def all_reduce_mean(value: float | torch.Tensor, info: DistributedInfo) -> float:
     """The mean of ``value`` over all ranks, returned on every rank (``value`` for one process).
 
     Each rank's loss is measured on its own slice of the batch; the mean is the loss of the
@@ -246,7 +249,9 @@ def all_reduce_mean(value: float, info: DistributedInfo) -> float:
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"value must be a single number, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"value must be a single number, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"value must be a number, got {type(value).__name__}")
@@ -297,7 +302,9 @@ def _check_group(info: DistributedInfo) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # How much of the workers' output an error message shows; the error object keeps all of it.
-_TAIL_CHARS = 6000
+_TAIL_CHARS = 10_000
+# How long torchrun waits for its workers to exit after SIGTERM before it SIGKILLs them.
+_TORCHRUN_SHUTDOWN_S = 30
 
 
 class TorchrunError(RuntimeError):
@@ -343,11 +350,12 @@ def run_torchrun(
     """Launch ``torchrun --standalone --nproc_per_node nproc`` and wait at most ``timeout`` s.
 
     A notebook cannot become several processes itself, but it can start them: this runs the
-    script as W workers on this machine and returns their combined stdout/stderr. If any
-    worker fails, or the run is still going after ``timeout`` seconds (then the launcher and
-    all its workers are stopped), it raises :class:`TorchrunError` whose message ends with the
-    workers' output, so the real traceback is visible. ``env`` adds variables to this
-    process's environment for the workers.
+    script as ``nproc`` workers on this machine and returns their combined stdout/stderr. If
+    any worker fails, or the run is still going after ``timeout`` seconds (then the launcher
+    and all its workers are stopped), it raises :class:`TorchrunError` whose message ends
+    with the workers' output, so the real traceback is visible. An interrupt (Jupyter's stop
+    button) stops the workers too. ``env`` adds variables to this process's environment for
+    the workers.
     """
     command = torchrun_command(script_or_module, nproc, args)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
@@ -356,19 +364,17 @@ def run_torchrun(
     # Variables of an enclosing torchrun run would confuse the new one's workers.
     for name in (*_IDENTITY_VARS, *_RENDEZVOUS_VARS, "LOCAL_WORLD_SIZE", "GROUP_RANK"):
         worker_env.pop(name, None)
-    # A session of its own lets a timeout stop torchrun *and* the workers it started.
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=worker_env,
-        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stdout, stderr = _stop_session(process)
+        stdout, stderr = _stop_torchrun(process)
         raise TorchrunError(
             f"torchrun did not finish within {timeout:g} s and was stopped "
             f"(a worker may be stuck waiting for another).\ncommand: {' '.join(command)}\n"
@@ -377,6 +383,9 @@ def run_torchrun(
             stdout=stdout,
             stderr=stderr,
         ) from None
+    except BaseException:  # e.g. KeyboardInterrupt: leave no workers running on their own
+        _stop_torchrun(process)
+        raise
     if process.returncode != 0:
         raise TorchrunError(
             f"torchrun exited with code {process.returncode}.\ncommand: {' '.join(command)}\n"
@@ -388,18 +397,19 @@ def run_torchrun(
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def _stop_session(process: subprocess.Popen) -> tuple[str, str]:
-    """Stop torchrun and its workers (SIGTERM, then SIGKILL) and collect what they printed."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(process.pid, sig)  # the group id is torchrun's pid (start_new_session)
-        except ProcessLookupError:
-            pass
-        try:
-            return process.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-    return "", ""  # unreachable in practice: SIGKILL cannot be ignored
+def _stop_torchrun(process: subprocess.Popen) -> tuple[str, str]:
+    """Stop torchrun and its workers and collect what they printed.
+
+    torchrun starts each worker in a session of its own, so the workers are reached through
+    torchrun: on SIGTERM it sends SIGTERM to them and SIGKILLs any still running after its
+    shutdown timeout. SIGKILL from here comes only if torchrun itself is stuck.
+    """
+    process.terminate()
+    try:
+        return process.communicate(timeout=_TORCHRUN_SHUTDOWN_S + 15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate(timeout=10)
 
 
 def _output_tail(stdout: str, stderr: str) -> str:

@@ -234,6 +234,20 @@ def _copy_weights(ours: nn.Module, theirs: nn.Module, names: dict[str, str]) -> 
         ours.get_submodule(our_name).load_state_dict(their_weights)
 
 
+def _config_from_torch(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) -> dict:
+    """The constructor arguments of the labkit layer equivalent to a torch Transformer layer."""
+    return dict(
+        d_model=layer.linear1.in_features,
+        n_heads=layer.self_attn.num_heads,
+        d_ff=layer.linear1.out_features,
+        dropout=layer.dropout.p,
+        activation=_torch_activation_name(layer.activation),
+        norm_first=layer.norm_first,
+        eps=layer.norm1.eps,
+        bias=layer.linear1.bias is not None,
+    )
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then feed-forward, each inside a residual connection.
 
@@ -330,18 +344,8 @@ class EncoderLayer(nn.Module):
         Its masks use True = blocked: pass ``mask=~src_key_padding_mask[:, None, None, :]``.
         """
         _check_torch_layer(layer, nn.TransformerEncoderLayer)
-        ours = cls(
-            d_model=layer.linear1.in_features,
-            n_heads=layer.self_attn.num_heads,
-            d_ff=layer.linear1.out_features,
-            dropout=layer.dropout.p,
-            activation=_torch_activation_name(layer.activation),
-            norm_first=layer.norm_first,
-            eps=layer.norm1.eps,
-            bias=layer.linear1.bias is not None,
-        )
-        weight = layer.linear1.weight
-        ours.to(device=weight.device, dtype=weight.dtype)
+        ours = cls(**_config_from_torch(layer))
+        ours.to(device=layer.linear1.weight.device, dtype=layer.linear1.weight.dtype)
         ours.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
         torch_to_labkit = {
             "linear1": "ffn.up_proj",
@@ -474,18 +478,8 @@ class DecoderLayer(nn.Module):
         (or a causal ``tgt_mask``) is ``is_causal=True``.
         """
         _check_torch_layer(layer, nn.TransformerDecoderLayer)
-        ours = cls(
-            d_model=layer.linear1.in_features,
-            n_heads=layer.self_attn.num_heads,
-            d_ff=layer.linear1.out_features,
-            dropout=layer.dropout.p,
-            activation=_torch_activation_name(layer.activation),
-            norm_first=layer.norm_first,
-            eps=layer.norm1.eps,
-            bias=layer.linear1.bias is not None,
-        )
-        weight = layer.linear1.weight
-        ours.to(device=weight.device, dtype=weight.dtype)
+        ours = cls(**_config_from_torch(layer))
+        ours.to(device=layer.linear1.weight.device, dtype=layer.linear1.weight.dtype)
         ours.self_attn = MultiHeadAttention.from_torch(layer.self_attn)
         ours.cross_attn = MultiHeadAttention.from_torch(layer.multihead_attn)
         torch_to_labkit = {

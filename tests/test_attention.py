@@ -1,6 +1,7 @@
 """labkit.attention against PyTorch's references: scaled_dot_product_attention vs
 F.scaled_dot_product_attention, MultiHeadAttention vs nn.MultiheadAttention, the KV cache vs a
 full causal pass, and the efficient variants (Linformer, Nyström) vs exact softmax attention."""
+
 import math
 
 import pytest

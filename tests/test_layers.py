@@ -63,8 +63,10 @@ def test_rms_norm_matches_torch(device):
 
 @pytest.mark.parametrize(
     ("make_ours", "make_ref"),
-    [(lambda: LayerNorm(64), lambda: nn.LayerNorm(64)),
-     (lambda: RMSNorm(64), lambda: nn.RMSNorm(64, eps=1e-6))],
+    [
+        (lambda: LayerNorm(64), lambda: nn.LayerNorm(64)),
+        (lambda: RMSNorm(64), lambda: nn.RMSNorm(64, eps=1e-6)),
+    ],
     ids=["layer", "rms"],
 )
 def test_norms_do_not_overflow_in_float16(make_ours, make_ref):
@@ -221,8 +223,12 @@ def test_decoder_layer_matches_torch(device, norm_first, activation):
 def test_from_torch_reads_the_configuration(device, layer_type):
     """bias=False, a non-default eps, tanh-GELU and the dropout rate all come across."""
     kwargs = dict(
-        dropout=0.2, activation=nn.GELU(approximate="tanh"), layer_norm_eps=1e-3,
-        batch_first=True, norm_first=True, bias=False,
+        dropout=0.2,
+        activation=nn.GELU(approximate="tanh"),
+        layer_norm_eps=1e-3,
+        batch_first=True,
+        norm_first=True,
+        bias=False,
     )
     x = torch.randn(2, 5, D, device=device)
     memory = torch.randn(2, 4, D, device=device)
@@ -303,8 +309,16 @@ def test_encoder_layer_passes_rotary_to_self_attention():
 
 def test_llama_style_options_build_the_right_parts():
     layer = EncoderLayer(
-        D, H, D_FF, dropout=0.0, activation="swiglu", norm_first=True, norm="rms", eps=1e-6,
-        bias=False, n_kv_heads=1,
+        D,
+        H,
+        D_FF,
+        dropout=0.0,
+        activation="swiglu",
+        norm_first=True,
+        norm="rms",
+        eps=1e-6,
+        bias=False,
+        n_kv_heads=1,
     )
     assert isinstance(layer.norm1, RMSNorm) and layer.norm1.eps == 1e-6
     assert layer.ffn.gate_proj is not None and layer.ffn.up_proj.bias is None

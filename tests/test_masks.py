@@ -1,4 +1,5 @@
 """Mask builders of labkit.attention: every pattern checked entry by entry (True = may attend)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,1138 @@
+"""The one training loop of the course: config, optimizer, schedule, AMP, checkpoints, history.
+
+Symbols: t = optimizer step (counted from 1), B = ``batch_size``, the examples behind one
+optimizer step summed over all processes and micro-batches; W = world size (processes);
+k = ``grad_accum_steps``; m = B / (W k), the micro-batch one process runs at a time;
+T = sequence length; V = vocabulary size or number of classes; N = the targets of the global
+batch that count (those not equal to ``IGNORE_INDEX``).
+
+One optimizer step, as :class:`Trainer` runs it::
+
+    take k micro-batches of m examples (rank r of W gets its own slice of the global batch)
+    for each micro-batch j:
+        with autocast:  loss_j = (sum of its token losses) / (N / W)
+        scaler.scale(loss_j).backward()         # gradients add up over j; DDP averages over W
+    unscale; clip the global gradient norm to grad_clip
+    optimizer.step() (skipped on a NaN/inf loss), scheduler.step()
+
+Dividing summed token losses by the token count of the whole global batch makes the sum of
+the k * W gradients exactly the gradient of the mean loss over the B examples, whatever k and
+W are, even when micro-batches hold different numbers of ignored tokens. So k is a pure memory
+knob, and W processes compute the same step as one.
+
+A checkpoint holds everything that decides the next step: weights, optimizer moments,
+schedule position, loss scale, the RNG states (dropout) and the data position, so a resumed
+run continues exactly as the uninterrupted one would have::
+
+    config = TrainConfig(max_steps=2000, batch_size=64, lr=3e-4, schedule="cosine",
+                         warmup_steps=100, eval_every=200, checkpoint_dir="runs/gpt")
+    blocks = to_lm_blocks(load_shakespeare(), tokenizer, block_size=128)  # labkit.data
+    trainer = Trainer(model, config, blocks["train"], blocks["validation"])
+    history = trainer.fit()                 # a pandas DataFrame, one row per step
+    plot_history(history)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate
+from tqdm.auto import tqdm
+
+from labkit.device import get_device, seed_everything
+from labkit.distributed import (
+    all_reduce_mean,
+    init_distributed,
+    local_device,
+    make_sampler,
+    wrap_model,
+)
+from labkit.layers import DecoderLayer, EncoderLayer
+from labkit.schedules import constant_lr, cosine_lr, noam_lr
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, prompts)
+SCHEDULES = ("constant", "cosine", "noam")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+NONFINITE_POLICIES = ("raise", "skip")
+
+Batch = Any  # whatever the collate function returns: (inputs, targets), a dict, ...
+LossFn = Callable[[nn.Module, Batch], Tensor]
+MetricFn = Callable[[Tensor, Tensor], float]
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, name: str, requirement: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"TrainConfig.{name} must be {requirement}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run, checked when the config is made.
+
+    Frozen, so a checked config stays valid: derive variants with
+    ``dataclasses.replace(config, lr=1e-3)``, which checks again.
+
+    Optimisation
+        max_steps: optimizer steps to train for.
+        batch_size: B, examples per optimizer step over all processes and micro-batches.
+            Changing ``grad_accum_steps`` or the number of processes does not change the math.
+        lr: the peak learning rate; with ``schedule="noam"`` a dimensionless factor on
+            ``noam_lr`` instead (1.0 = the paper; the Annotated Transformer uses 1 or 2).
+        weight_decay: AdamW's decoupled decay, for weight matrices only (see ``param_groups``).
+        betas, eps: AdamW's moment decay rates and denominator guard (the paper: (0.9, 0.98), 1e-9).
+        schedule: ``"constant"``, ``"cosine"`` (warm-up, then cosine down to ``min_lr``) or
+            ``"noam"`` (needs ``d_model``); see ``labkit.schedules``.
+        warmup_steps, min_lr, d_model: the schedule's w, lr_min and model width.
+        grad_clip: clip the global gradient norm to this; None = no clipping (the norm is
+            still measured and recorded).
+        grad_accum_steps: k micro-batches per optimizer step; ``batch_size`` must divide by k.
+        label_smoothing: for the default cross-entropy loss (the paper: 0.1).
+        nonfinite: ``"raise"`` stops at a NaN/inf loss with an error naming the step;
+            ``"skip"`` leaves the weights unchanged for that step and records it as skipped.
+
+    Speed and memory
+        precision: ``"fp32"``; ``"bf16"`` (autocast, CPU and recent GPUs); ``"fp16"``
+            (autocast with a GradScaler, CUDA only); ``"auto"`` = bf16 on the CPU and GPUs
+            that support it, fp16 on older GPUs, fp32 elsewhere.
+        activation_checkpointing: recompute each EncoderLayer/DecoderLayer in backward
+            (see ``enable_activation_checkpointing``).
+        compile: run the training forward through ``torch.compile``.
+
+    Evaluation and checkpoints
+        eval_every: evaluate every so many steps (always after the last step when eval data
+            is given); eval_batches: micro-batches per evaluation and process (None = all).
+        early_stopping_patience: stop after this many evaluations without the eval loss
+            improving by more than ``min_delta``.
+        checkpoint_dir: where ``step_0000123.pt`` files go (written after the last step);
+            checkpoint_every: also every so many steps; keep_checkpoints: delete all but the
+            newest so many (None = keep all).
+
+    Run
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+        seed: seeds everything when the Trainer is made, and the data order.
+        shuffle: a new order of the training examples every epoch.
+        progress: show a tqdm progress bar (on rank 0).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    d_model: int | None = None
+    grad_clip: float | None = 1.0
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    nonfinite: str = "raise"
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    early_stopping_patience: int | None = None
+    min_delta: float = 0.0
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    shuffle: bool = True
+    progress: bool = True
+
+    def _check(self, name: str, ok: bool, requirement: str) -> None:
+        if not ok:
+            raise ValueError(
+                f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}"
+            )
+
+    def __post_init__(self) -> None:
+        check = self._check
+        for name in ("max_steps", "batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            check(name, _is_int(value) and value >= 1, "a positive int")
+        optional_counts = (
+            "d_model",
+            "eval_every",
+            "eval_batches",
+            "early_stopping_patience",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
+        for name in optional_counts:
+            value = getattr(self, name)
+            check(name, value is None or (_is_int(value) and value >= 1), "None or a positive int")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            check(name, _is_int(value) and value >= 0, "an int >= 0")
+        for name in ("activation_checkpointing", "compile", "shuffle", "progress"):
+            check(name, isinstance(getattr(self, name), bool), "True or False")
+        for name in ("weight_decay", "min_delta"):
+            value = getattr(self, name)
+            check(name, _is_number(value) and value >= 0, "a number >= 0")
+        check("lr", _is_number(self.lr) and self.lr > 0, "a number > 0")
+        check("eps", _is_number(self.eps) and self.eps > 0, "a number > 0")
+        check(
+            "min_lr",
+            _is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
+            f"a number in [0, lr={self.lr}]",
+        )
+        check(
+            "label_smoothing",
+            _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "a number in [0, 1)",
+        )
+        clip = self.grad_clip
+        check("grad_clip", clip is None or (_is_number(clip) and clip > 0), "None or a number > 0")
+        betas_ok = isinstance(self.betas, tuple | list) and len(self.betas) == 2
+        betas_ok = betas_ok and all(_is_number(b) and 0 <= b < 1 for b in self.betas)
+        check("betas", betas_ok, "two numbers in [0, 1)")
+        check("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        check("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
+        check("device", isinstance(self.device, str), "a string such as 'auto', 'cpu', 'cuda'")
+        check(
+            "checkpoint_dir",
+            self.checkpoint_dir is None or isinstance(self.checkpoint_dir, str | Path),
+            "None or a path",
+        )
+        # Settings that only make sense together.
+        check(
+            "batch_size",
+            self.batch_size % self.grad_accum_steps == 0,
+            f"divisible by grad_accum_steps={self.grad_accum_steps}",
+        )
+        if self.schedule == "noam":
+            check("d_model", self.d_model is not None, "set (the model width) for schedule='noam'")
+            check("warmup_steps", self.warmup_steps >= 1, ">= 1 for schedule='noam'")
+        if self.schedule == "cosine":
+            check(
+                "warmup_steps",
+                self.warmup_steps <= self.max_steps,
+                f"<= max_steps={self.max_steps} for schedule='cosine'",
+            )
+        check(
+            "checkpoint_every",
+            self.checkpoint_every is None or self.checkpoint_dir is not None,
+            "None unless checkpoint_dir is set",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate, optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+def schedule_lr(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (from 1) under ``config``.
+
+    For ``"noam"`` it is ``config.lr * noam_lr(step, d_model, warmup)``: noam gives the rate
+    itself, so ``lr`` only scales it (1.0 = the paper). Plot a run's schedule before running it:
+    ``[schedule_lr(t, config) for t in range(1, config.max_steps + 1)]``.
+    """
+    if config.schedule == "noam":
+        return config.lr * noam_lr(step, config.d_model, config.warmup_steps)
+    if config.schedule == "cosine":
+        return cosine_lr(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr)
+    return constant_lr(step, config.lr, config.warmup_steps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
+    """A ``LambdaLR`` that gives step t the rate ``schedule_lr(t, config)``.
+
+    ``LambdaLR`` sets lr = (the optimizer's lr when the scheduler was made) * f(e), where e
+    counts ``scheduler.step()`` calls from 0. Made on an optimizer with lr = ``config.lr``,
+    step t = e + 1 needs f(e) = schedule_lr(e + 1) / config.lr.
+    """
+    return LambdaLR(optimizer, lambda e: schedule_lr(e + 1, config) / config.lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight matrices decay; biases, norm gains and embeddings do not.
+
+    Decay pulls weights toward 0, which regularises the matrices that mix features but only
+    hurts parameters with dim < 2 (a bias or a LayerNorm gain is a per-feature offset or scale;
+    nanoGPT's rule) and embedding tables (a rare token's row would shrink every step it is
+    absent). A weight tied to an embedding counts as an embedding.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # each shared (tied) tensor once
+        if param.requires_grad:
+            if param.dim() < 2 or id(param) in embeddings:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over ``param_groups``; the fused kernel on CUDA.
+
+    The fused implementation updates every parameter in one kernel launch instead of several
+    per tensor; it needs all parameters on the GPU.
+    """
+    groups = param_groups(model, config.weight_decay)
+    if not groups:
+        raise ValueError("model has no parameters with requires_grad=True to train")
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=tuple(config.betas),
+        eps=config.eps,
+        fused=True if on_cuda else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def split_batch(batch: Batch) -> tuple[Any, Tensor]:
+    """``(inputs, targets)`` from a batch that is a pair or a dict with input_ids and labels.
+
+    These are the batches of a ``TensorDataset(x, y)`` and of ``labkit.data.to_lm_blocks``.
+    Anything else needs a ``loss_fn``.
+    """
+    if isinstance(batch, Mapping):
+        if "input_ids" in batch and "labels" in batch:
+            return batch["input_ids"], batch["labels"]
+        raise ValueError(
+            f"a dict batch needs 'input_ids' and 'labels', got keys {sorted(batch)}; "
+            "pass Trainer(..., loss_fn=...) for other batches"
+        )
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"a batch must be (inputs, targets) or a dict with 'input_ids' and 'labels', got "
+        f"{type(batch).__name__}; pass Trainer(..., loss_fn=...) for other batches"
+    )
+
+
+def output_logits(output: Any) -> Tensor:
+    """The logits a model returned: the tensor itself, or its ``logits`` field (labkit and
+    Hugging Face models return named outputs)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+    else:
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise ValueError(
+            f"the model must return logits or an output with a .logits tensor, "
+            f"got {type(output).__name__}"
+        )
+    return logits
+
+
+def cross_entropy_sum(
+    logits: Tensor, targets: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the targets that count, and how many count.
+
+    logits: (B, T, V) with targets (B, T), or (B, C) with targets (B,); targets equal to
+    ``IGNORE_INDEX`` (-100) are skipped. Returns (sum, count), both 0-dim tensors. A sum, not a
+    mean, so that the caller can divide by the count of the whole global batch: then
+    micro-batches and processes add up exactly to one large batch. sum / count equals
+    ``F.cross_entropy(..., ignore_index=-100, label_smoothing=...)``.
+    """
+    if logits.dim() < 2 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not fit targets {tuple(targets.shape)}: expected "
+            "logits (B, T, V) with targets (B, T), or (B, C) with (B,)"
+        )
+    # Low-precision logits (autocast) are upcast: the log-softmax over V needs the range.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),  # (B*T, V)
+        targets.reshape(-1),  # (B*T,)
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Fraction of targets (not -100) whose highest logit is the right class.
+
+    logits (..., V), targets (...); 0.0 when no target counts.
+    """
+    keep = targets != IGNORE_INDEX
+    correct = (logits.argmax(dim=-1) == targets) & keep
+    return correct.sum().item() / max(keep.sum().item(), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # evaluation stores nothing anyway
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def enable_activation_checkpointing(
+    model: nn.Module, block_types: tuple[type[nn.Module], ...] = (EncoderLayer, DecoderLayer)
+) -> int:
+    """Recompute each block's activations in backward instead of storing them; returns the
+    number of blocks.
+
+    Without it, backward needs every intermediate of every block (attention scores, the
+    d_ff-wide feed-forward hidden, norms...), kept from the forward pass. With it, only each
+    block's inputs are kept and the block is re-run during backward, trading about one extra
+    forward pass for memory that no longer grows with the blocks' insides. Non-reentrant
+    ``torch.utils.checkpoint`` passes keyword arguments through and replays the RNG state, so
+    the dropout masks of the re-run match: the gradients are exactly the same.
+    Changes ``model`` in place (each block's ``forward``); calling it twice is harmless.
+    """
+    if not (
+        isinstance(block_types, tuple)
+        and block_types
+        and all(isinstance(t, type) and issubclass(t, nn.Module) for t in block_types)
+    ):
+        raise ValueError(f"block_types must be a tuple of nn.Module classes, got {block_types!r}")
+    blocks = [module for module in model.modules() if isinstance(module, block_types)]
+    for block in blocks:
+        if not getattr(block, "_activation_checkpointing", False):
+            block.forward = _checkpointed(block.forward)
+            block._activation_checkpointing = True
+    return len(blocks)
+
+
+def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``forward()`` runs.
+
+    Counts each storage once (views share one) and leaves out ``model``'s parameters, which
+    are needed either way. Under activation checkpointing the checkpoint itself also keeps each
+    block's input tensors, which this does not see: add one (B, T, D) input per block.
+    """
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward()  # kept alive until counted, so no storage is freed and reused
+    total = sum(saved.values())
+    del output
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files and RNG state
+# ---------------------------------------------------------------------------------------------
+
+_CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` goes: ``directory/step_0000123.pt``."""
+    return Path(directory) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """The checkpoints in ``directory``, oldest step first ([] if there are none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if (m := _CHECKPOINT_NAME.fullmatch(p.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint in ``directory``, or None.
+
+    Resume the latest run in a folder with ``fit(resume_from=latest_checkpoint(folder))``.
+    """
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and every GPU) RNG states, as types ``torch.load`` reads
+    with ``weights_only=True``."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_dataset(name: str, data: object) -> None:
+    if isinstance(data, DataLoader):
+        raise ValueError(
+            f"{name} must be a dataset, not a DataLoader: the Trainer builds its own loaders "
+            "so it can split batches across processes and resume mid-epoch"
+        )
+    if isinstance(data, IterableDataset) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    ):
+        raise ValueError(
+            f"{name} must be a map-style dataset (len(data) and data[i]), got {type(data).__name__}"
+        )
+
+
+def _resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether fp16 loss scaling is needed)."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        if device.type == "cpu" or cuda_bf16:
+            precision = "bf16"
+        elif device.type == "cuda":
+            precision = "fp16"
+        else:  # MPS: fp16 without a loss scaler can underflow, so stay safe
+            precision = "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"TrainConfig.precision='fp16' needs a CUDA device (fp16 training needs loss "
+            f"scaling, done by GradScaler on CUDA), got device {device}; use 'bf16' or 'fp32'"
+        )
+    if precision == "bf16" and device.type == "cuda" and not cuda_bf16:
+        raise ValueError(
+            "TrainConfig.precision='bf16' but this GPU has no bfloat16 support; use 'fp16'"
+        )
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[
+        precision
+    ]
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _targets_or_none(batch: Batch) -> Tensor | None:
+    """The targets of a standard batch (see ``split_batch``), None for any other batch."""
+    if isinstance(batch, Mapping):
+        return batch.get("labels")
+    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    return None
+
+
+HISTORY_COLUMNS = (
+    "step",
+    "epoch",
+    "lr",
+    "train_loss",
+    "grad_norm",
+    "skipped",
+    "tokens_per_s",
+    "time_s",
+)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` as ``config`` says; one process or many (torchrun).
+
+    Args:
+        model: returns logits (B, T, V) or (B, C), or an output with ``.logits``, for the
+            inputs of a batch; moved to the config's device.
+        config: a ``TrainConfig``.
+        train_data, eval_data: map-style datasets (``len`` and indexing), e.g. a
+            ``TensorDataset(x, y)`` or a ``labkit.data.to_lm_blocks`` split. The Trainer makes
+            its own loaders: a seeded order per epoch that it can resume mid-epoch, and each
+            process's share of the batch.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss of a micro-batch,
+            instead of the default cross-entropy (with ``label_smoothing``, -100 = ignore) of
+            ``model(inputs)`` against ``targets``. Micro-batches then weigh equally, which is
+            the big batch's mean when the loss is a per-example mean.
+        metrics: ``{name: fn(logits, targets) -> float}`` for evaluation, averaged over
+            batches weighted by their number of targets; default ``{"accuracy": accuracy}``
+            with the default loss, none with a ``loss_fn``. They need standard batches.
+        collate_fn: turns a list of examples into a batch (default: torch's
+            ``default_collate``, which stacks tensors and keeps tuples and dicts).
+
+    Under torchrun each of the W processes makes the same Trainer: it joins the process
+    group, wraps the model in DistributedDataParallel, reads its 1/W of every batch, and only
+    rank 0 shows progress, logs and writes checkpoints. Seeds everything (``config.seed``)
+    when made, so make the model first.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: Any,
+        eval_data: Any = None,
+        *,
+        loss_fn: LossFn | None = None,
+        metrics: Mapping[str, MetricFn] | None = None,
+        collate_fn: Callable[[list[Any]], Batch] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        _check_dataset("train_data", train_data)
+        if eval_data is not None:
+            _check_dataset("eval_data", eval_data)
+        elif config.eval_every is not None or config.early_stopping_patience is not None:
+            raise ValueError(
+                f"TrainConfig.eval_every={config.eval_every} and early_stopping_patience="
+                f"{config.early_stopping_patience} need eval_data"
+            )
+        if config.early_stopping_patience is not None and config.eval_every is None:
+            raise ValueError(
+                f"TrainConfig.early_stopping_patience={config.early_stopping_patience} needs "
+                "eval_every, so that there is more than one evaluation to compare"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if metrics is None:
+            metrics = {"accuracy": accuracy} if loss_fn is None else {}
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(name, str) and name != "loss" and callable(fn)
+            for name, fn in metrics.items()
+        ):
+            raise ValueError(
+                f"metrics must map names (other than 'loss') to functions (logits, targets) "
+                f"-> float, got {metrics!r}"
+            )
+        self.config = config
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.loss_fn = loss_fn
+        self.metrics = dict(metrics)
+        self.collate_fn = collate_fn or default_collate
+
+        # Where and how: device, processes, precision, batch split.
+        device = get_device(config.device)
+        self.dist = init_distributed(device)
+        self.device = local_device(device, self.dist)
+        self.amp_dtype, use_scaler = _resolve_precision(config.precision, self.device)
+        shards = self.dist.world_size * config.grad_accum_steps
+        if config.batch_size % shards:
+            raise ValueError(
+                f"TrainConfig.batch_size={config.batch_size} must be divisible by world_size="
+                f"{self.dist.world_size} x grad_accum_steps={config.grad_accum_steps}"
+            )
+        self.micro_batch_size = config.batch_size // shards
+
+        seed_everything(config.seed)
+        self.model = model.to(self.device)
+        if config.activation_checkpointing and enable_activation_checkpointing(self.model) == 0:
+            raise ValueError(
+                "TrainConfig.activation_checkpointing=True but the model has no EncoderLayer "
+                "or DecoderLayer; call enable_activation_checkpointing(model, block_types=...)"
+            )
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config)
+        # Disabled (a pass-through) unless fp16, so one code path serves every precision.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        wrapped = wrap_model(self.model, self.dist, self.device)
+        self._ddp = wrapped if isinstance(wrapped, DistributedDataParallel) else None
+        self._train_model = torch.compile(wrapped) if config.compile else wrapped
+
+        # The order of epoch e is a permutation drawn from (seed, e) alone. One process reads
+        # it through a DistributedSampler with one replica, so its batch of step t is the union
+        # of the W processes' batches of step t in a torchrun run.
+        sampler = make_sampler(train_data, self.dist, shuffle=config.shuffle, seed=config.seed)
+        if sampler is None:
+            sampler = DistributedSampler(
+                train_data, num_replicas=1, rank=0, shuffle=config.shuffle, seed=config.seed
+            )
+        self._sampler = sampler
+        self.batches_per_epoch = len(self._sampler) // self.micro_batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train_data has {len(train_data)} examples, fewer than one batch of "
+                f"batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps}"
+            )
+
+        # The run's state besides the modules; a checkpoint saves all of it.
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # the epoch being read
+        self.batches_seen = 0  # micro-batches of this epoch already used (per process)
+        self.best_eval_loss: float | None = None
+        self.evals_without_improvement = 0
+        self.stopped_early = False
+        self._records: list[dict[str, Any]] = []
+        self._elapsed = 0.0  # seconds spent in fit, over all sessions of this run
+        self._batch_iter: Iterator[Batch] | None = None
+
+    # --- data ---------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> Iterator[Batch]:
+        """This process's micro-batches from the current position to the end of the epoch."""
+        self._sampler.set_epoch(self.epoch)  # the permutation is a function of (seed, epoch)
+        m = self.micro_batch_size
+        order = list(self._sampler)[self.batches_seen * m : self.batches_per_epoch * m]
+        loader = DataLoader(
+            self.train_data,
+            batch_size=m,
+            sampler=order,
+            collate_fn=self.collate_fn,
+            # Its own generator: otherwise every new loader iterator draws a seed from the
+            # global RNG, and a run resumed mid-epoch would shift all later dropout masks.
+            generator=torch.Generator(),
+        )
+        return iter(loader)
+
+    def _take_micro_batches(self) -> list[Batch]:
+        batches = []
+        for _ in range(self.config.grad_accum_steps):
+            if self.batches_seen == self.batches_per_epoch:
+                self.epoch, self.batches_seen, self._batch_iter = self.epoch + 1, 0, None
+            if self._batch_iter is None:
+                self._batch_iter = self._epoch_batches()
+            batches.append(next(self._batch_iter))
+            self.batches_seen += 1
+        return batches
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
+
+    # --- training -----------------------------------------------------------------------
+
+    def _loss_denominator(self, batches: list[Batch], step: int) -> float:
+        """What each micro-batch's loss is divided by so the k micro-batches (and W processes)
+        sum to the mean over the global batch: N / W targets, or k for a ``loss_fn``."""
+        if self.loss_fn is not None:
+            return float(len(batches))
+        local = sum(int((split_batch(b)[1] != IGNORE_INDEX).sum()) for b in batches)
+        per_process = all_reduce_mean(local, self.dist)  # N / W; DDP's average divides by W
+        if per_process == 0:
+            raise ValueError(
+                f"step {step}: every target of the batch is IGNORE_INDEX={IGNORE_INDEX}, so "
+                "the loss is undefined"
+            )
+        return per_process
+
+    def _micro_loss(self, batch: Batch) -> Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(self._train_model, batch)
+            if not (isinstance(loss, Tensor) and loss.dim() == 0):
+                raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
+            return loss
+        inputs, targets = split_batch(batch)
+        logits = output_logits(self._train_model(inputs))
+        return cross_entropy_sum(logits, targets, self.config.label_smoothing)[0]
+
+    def _train_step(self) -> dict[str, Any]:
+        """One optimizer step over k micro-batches; returns its history record."""
+        config, step = self.config, self.step + 1
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        batches = self._take_micro_batches()
+        denominator = self._loss_denominator(batches, step)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for j, batch in enumerate(batches):
+            batch = _to_device(batch, self.device)
+            # DDP all-reduces gradients in every backward; only the last one needs it.
+            last = j == len(batches) - 1
+            skip_sync = self._ddp is not None and not last
+            with self._ddp.no_sync() if skip_sync else contextlib.nullcontext():
+                with self._autocast():
+                    loss = self._micro_loss(batch) / denominator
+                self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+        train_loss = all_reduce_mean(torch.stack(losses).sum().item(), self.dist)  # one sync
+
+        self.scaler.unscale_(self.optimizer)  # true gradients, so grad_clip means what it says
+        max_norm = math.inf if config.grad_clip is None else config.grad_clip
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()  # pre-clip
+        # Under fp16 an inf gradient is the GradScaler's business: it skips the step itself.
+        finite = math.isfinite(train_loss) and (
+            self.scaler.is_enabled() or math.isfinite(grad_norm)
+        )
+        if not finite and config.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite loss {train_loss} (gradient norm {grad_norm}) at step {step}; "
+                "lower lr, set grad_clip, or pass TrainConfig(nonfinite='skip') to skip such steps"
+            )
+        scale = self.scaler.get_scale()
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = not finite or self.scaler.get_scale() < scale  # a lower scale = fp16 skipped
+        # A skipped step still counts: the schedule stays a function of the step number. (torch
+        # warns when the very first steps were skipped, which is intended here.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.step = step
+
+        targets = [_targets_or_none(b) for b in batches]
+        if all(t is not None for t in targets):
+            tokens = sum(t.numel() for t in targets) * self.dist.world_size
+        else:  # a custom batch: no way to know what to count
+            tokens = math.nan
+        return {
+            "step": step,
+            "epoch": self.epoch + self.batches_seen / self.batches_per_epoch,  # epochs of data
+            "lr": lr,
+            "train_loss": train_loss,
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+            "tokens_per_s": tokens / (time.perf_counter() - start),
+        }
+
+    def fit(self, resume_from: str | Path | None = None) -> pd.DataFrame:
+        """Train until ``max_steps`` (or early stopping); returns :attr:`history`.
+
+        With ``resume_from`` (a checkpoint file), first restore that run's state (see
+        :meth:`resume`), so the result is that of the uninterrupted run. After a
+        ``KeyboardInterrupt``, calling ``fit()`` again continues from the last finished step
+        (the batches of the interrupted one are skipped).
+        """
+        if resume_from is not None:
+            self.resume(resume_from)
+        config = self.config
+        self._train_model.train()
+        clock = time.perf_counter() - self._elapsed
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            unit="step",
+            desc="training",
+            disable=not (config.progress and self.dist.is_main),
+        )
+        with bar:
+            while self.step < config.max_steps and not self.stopped_early:
+                record = self._train_step()
+                if self.eval_data is not None and self._due(config.eval_every):
+                    results = self.evaluate()
+                    record.update({f"eval_{name}": value for name, value in results.items()})
+                    self._track_early_stopping(results["loss"])
+                self._elapsed = time.perf_counter() - clock
+                record["time_s"] = self._elapsed
+                self._records.append(record)
+                if config.checkpoint_dir is not None and (
+                    self.stopped_early or self._due(config.checkpoint_every)
+                ):
+                    self.save_checkpoint()
+                shown = ("train_loss", "eval_loss", "lr")
+                bar.set_postfix({key: f"{record[key]:.4g}" for key in shown if key in record})
+                bar.update()
+        return self.history
+
+    def _due(self, every: int | None) -> bool:
+        """True after every ``every``-th step and after the last one."""
+        last = self.step == self.config.max_steps
+        return last or (every is not None and self.step % every == 0)
+
+    def _track_early_stopping(self, eval_loss: float) -> None:
+        config = self.config
+        if self.best_eval_loss is None or eval_loss < self.best_eval_loss - config.min_delta:
+            self.best_eval_loss = eval_loss
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        patience = config.early_stopping_patience
+        if patience is not None and self.evals_without_improvement >= patience:
+            self.stopped_early = True
+            if self.dist.is_main:
+                logger.info(
+                    "early stop at step %d: eval loss has not beaten %.4g for %d evaluations",
+                    self.step,
+                    self.best_eval_loss,
+                    patience,
+                )
+
+    # --- evaluation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and metrics on ``eval_data``: ``{"loss": ..., "accuracy": ..., ...}``.
+
+        The loss is the training objective (with label smoothing), averaged over targets (or
+        over batches for a ``loss_fn``). Each process evaluates its 1/W of the data in
+        micro-batches (``eval_batches`` of them at most) and the totals are combined, so every
+        process returns the same numbers. Under torchrun the last (len % W) examples are
+        dropped, so that every process has the same number.
+        """
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data: Trainer(model, config, train, eval_data)")
+        sampler = make_sampler(self.eval_data, self.dist, shuffle=False, seed=self.config.seed)
+        loader = DataLoader(
+            self.eval_data,
+            batch_size=self.micro_batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        totals = dict.fromkeys(["loss", "loss_weight", "targets", *self.metrics], 0.0)
+        for batch in islice(loader, self.config.eval_batches):
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                if self.loss_fn is not None:  # a mean per batch: batches weigh equally
+                    totals["loss"] += self.loss_fn(self.model, batch).item()
+                    totals["loss_weight"] += 1
+                if self.loss_fn is None or self.metrics:
+                    inputs, targets = split_batch(batch)
+                    logits = output_logits(self.model(inputs))
+                    count = (targets != IGNORE_INDEX).sum().item()
+                    if self.loss_fn is None:  # a sum over targets: targets weigh equally
+                        loss, _ = cross_entropy_sum(logits, targets, self.config.label_smoothing)
+                        totals["loss"] += loss.item()
+                        totals["loss_weight"] += count
+                    for name, fn in self.metrics.items():
+                        totals[name] += float(fn(logits, targets)) * count
+                    totals["targets"] += count
+        self.model.train(was_training)
+
+        # Each total averaged over processes: the ratios below are then over all processes.
+        totals = {key: all_reduce_mean(value, self.dist) for key, value in totals.items()}
+        if totals["loss_weight"] == 0 or (self.metrics and totals["targets"] == 0):
+            raise ValueError("eval_data gave no batches, or only targets equal to -100")
+        results = {"loss": totals["loss"] / totals["loss_weight"]}
+        results.update({name: totals[name] / totals["targets"] for name in self.metrics})
+        if self.dist.is_main:
+            logger.info(
+                "step %d eval: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+            )
+        return results
+
+    # --- history ------------------------------------------------------------------------
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per optimizer step: step, epoch (epochs of data seen), lr (of that step),
+        train_loss, grad_norm (before clipping), skipped, tokens_per_s (targets per second over
+        all processes: tokens for a language model, examples for a classifier), time_s (since
+        the run began, evaluation included) and, on evaluation steps, eval_loss and eval_<metric>
+        (NaN on the other steps)."""
+        if not self._records:
+            return pd.DataFrame(columns=list(HISTORY_COLUMNS))
+        return pd.DataFrame.from_records(self._records)
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def _data_signature(self) -> dict[str, Any]:
+        """What must match for a checkpoint's data position to mean the same examples."""
+        return {
+            "batch_size": self.config.batch_size,
+            "grad_accum_steps": self.config.grad_accum_steps,
+            "world_size": self.dist.world_size,
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle,
+            "train_examples": len(self.train_data),
+        }
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        """Write the run's full state to ``path`` (default ``checkpoint_dir/step_0000123.pt``).
+
+        Only rank 0 writes (other ranks return None). The file is written under a temporary
+        name and then renamed, so an interrupted save never leaves a half-written checkpoint.
+        """
+        if path is None:
+            if self.config.checkpoint_dir is None:
+                raise ValueError("save_checkpoint() needs a path or TrainConfig.checkpoint_dir")
+            path = checkpoint_path(self.config.checkpoint_dir, self.step)
+        path = Path(path)
+        if not self.dist.is_main:
+            return None
+        config = asdict(self.config)
+        config["checkpoint_dir"] = (
+            None if config["checkpoint_dir"] is None else str(config["checkpoint_dir"])
+        )
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_seen": self.batches_seen,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "history": self._records,
+            "best_eval_loss": self.best_eval_loss,
+            "evals_without_improvement": self.evals_without_improvement,
+            "stopped_early": self.stopped_early,
+            "elapsed_s": self._elapsed,
+            "data": self._data_signature(),
+            "config": config,  # for the reader; resuming uses this Trainer's own config
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, path)
+        keep = self.config.keep_checkpoints
+        if keep is not None and self.config.checkpoint_dir is not None:
+            for old in list_checkpoints(self.config.checkpoint_dir)[:-keep]:
+                old.unlink()
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Restore the run saved in ``path``; the next ``fit()`` continues it exactly.
+
+        Restores weights, optimizer moments, schedule, loss scale, RNG states, data position,
+        history and early-stopping state. Batch size, accumulation, world size, seed, shuffle
+        and the number of training examples must match the saved run, or the data position
+        would point at other examples.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        for key, value in self._data_signature().items():
+            if state["data"][key] != value:
+                raise ValueError(
+                    f"checkpoint {str(path)!r} was written with {key}={state['data'][key]!r} "
+                    f"but this Trainer has {key}={value!r}"
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.epoch, self.batches_seen = (
+            state["step"],
+            state["epoch"],
+            state["batches_seen"],
+        )
+        self._batch_iter = None  # rebuilt at the saved position
+        self._records = list(state["history"])
+        self.best_eval_loss = state["best_eval_loss"]
+        self.evals_without_improvement = state["evals_without_improvement"]
+        self.stopped_early = state["stopped_early"]
+        self._elapsed = state["elapsed_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plotting
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_history(
+    history: pd.DataFrame,
+    columns: Sequence[str] | None = None,
+    *,
+    lr: bool = True,
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+) -> plt.Axes:
+    """Plot ``columns`` of a ``Trainer.history`` against the step, the lr on a second axis.
+
+    ``columns`` defaults to train_loss and, when present, eval_loss. Evaluation columns are
+    only filled on evaluation steps; their points are joined and marked. The default title
+    states the result, e.g. "train_loss fell from 2.4 to 0.31 in 500 steps".
+    """
+    if not isinstance(history, pd.DataFrame) or "step" not in history or history.empty:
+        raise ValueError(
+            "history must be a non-empty DataFrame with a 'step' column (Trainer.history)"
+        )
+    if columns is None:
+        columns = [c for c in ("train_loss", "eval_loss") if c in history]
+    missing = [c for c in columns if c not in history]
+    if not columns or missing:
+        raise ValueError(f"columns {list(columns)} not all in history; it has {list(history)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for column in columns:
+        points = history[["step", column]].dropna()
+        sparse = len(points) < len(history)
+        ax.plot(points["step"], points[column], label=column, marker="o" if sparse else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss" if all("loss" in c for c in columns) else "value")
+    handles, labels = ax.get_legend_handles_labels()
+    if lr and "lr" in history:
+        lr_ax = ax.twinx()
+        lr_ax.plot(history["step"], history["lr"], color="gray", linestyle="--", label="lr")
+        lr_ax.set_ylabel("learning rate")
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
+    values = history[columns[0]].dropna()
+    if title is None and values.empty:
+        title = f"{columns[0]} over {int(history['step'].iloc[-1])} steps"
+    elif title is None:
+        trend = "fell" if values.iloc[-1] < values.iloc[0] else "rose"
+        title = (
+            f"{columns[0]} {trend} from {values.iloc[0]:.3g} to {values.iloc[-1]:.3g} "
+            f"in {int(history['step'].iloc[-1])} steps"
+        )
+    ax.set_title(title)
+    return ax
