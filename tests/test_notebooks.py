@@ -1,0 +1,196 @@
+"""The course notebooks run, and follow the conventions of notebooks/README.md.
+
+Every ``notebooks/NN_topic.ipynb`` is executed with papermill in smoke mode (``SMOKE=True``,
+kernel ``python3``, working directory ``notebooks/``); a failing cell fails its test with the
+cell's source and traceback. Each notebook's wall time is printed in a table at the end of the
+session (run without ``-n``: under pytest-xdist the table lives in the workers, but
+``--durations`` still lists every notebook's time).
+
+The conventions checked on the stored (stripped) notebook: a ``parameters`` cell, a first cell
+that introduces the notebook, 2-4 exercises tagged as README's "Exercises" section describes,
+and no stored outputs.
+"""
+
+import ast
+import re
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+KERNEL = "python3"
+CELL_TIMEOUT_S = 600
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebacks
+
+params = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+
+
+def _tags(cell) -> set[str]:
+    return set(cell.get("metadata", {}).get("tags", []))
+
+
+def _read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing table, printed once at the end of the session
+# ----------------------------------------------------------------------------------------------
+
+
+class _NotebookTimes:
+    """A plugin registered at run time: collects wall times, prints them in the summary."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str]] = []
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.rows:
+            return
+        terminalreporter.section("notebook wall times (smoke mode)")
+        width = max(len(name) for name, _, _ in self.rows)
+        for name, seconds, outcome in self.rows:
+            terminalreporter.write_line(f"{name:<{width}}  {seconds:7.1f} s  {outcome}")
+        total = sum(seconds for _, seconds, _ in self.rows)
+        terminalreporter.write_line(f"{'total':<{width}}  {total:7.1f} s")
+
+
+@pytest.fixture(scope="session")
+def notebook_times(pytestconfig) -> _NotebookTimes:
+    times = _NotebookTimes()
+    pytestconfig.pluginmanager.register(times, "labkit-notebook-times")
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# The notebooks run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_notebooks_are_found():
+    """An empty glob must fail the suite, not silently skip every notebook test."""
+    assert NOTEBOOKS, f"no notebooks matching [0-9][0-9]_*.ipynb in {NOTEBOOK_DIR}"
+
+
+@params
+def test_notebook_runs_in_smoke_mode(path: Path, tmp_path: Path, notebook_times, record_property):
+    try:  # a missing runner must fail, not skip: a skipped notebook is an untested one
+        import papermill
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError as err:
+        pytest.fail(f"papermill is needed to run the notebooks ({err}); pip install -e '.[dev]'")
+
+    start = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(path),
+            str(tmp_path / path.name),
+            parameters={"SMOKE": True},
+            kernel_name=KERNEL,
+            cwd=str(NOTEBOOK_DIR),
+            execution_timeout=CELL_TIMEOUT_S,
+            progress_bar=False,
+        )
+    except PapermillExecutionError as err:
+        error = err
+    seconds = time.perf_counter() - start
+    notebook_times.rows.append((path.name, seconds, "FAILED" if error else "ok"))
+    record_property("wall_time_s", round(seconds, 2))
+    if error is not None:  # failed outside the except block: no chained papermill dump
+        traceback = ANSI.sub("", "\n".join(error.traceback))
+        pytest.fail(
+            f"{path.name}: cell {error.cell_index} of the executed notebook (execution count "
+            f"{error.exec_count}) raised {error.ename}: {error.evalue}\n"
+            f"----- cell source -----\n{error.source}\n"
+            f"----- traceback -----\n{traceback}",
+            pytrace=False,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The notebooks follow the conventions
+# ----------------------------------------------------------------------------------------------
+
+
+@params
+def test_parameters_cell(path: Path):
+    cells = [c for c in _read(path).cells if "parameters" in _tags(c)]
+    assert len(cells) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    cell = cells[0]
+    assert cell.cell_type == "code", f"{path.name}: the 'parameters' cell must be a code cell"
+    assigned = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    assigned[target.id] = node.value
+    missing = {"SMOKE", "DEVICE", "SEED"} - assigned.keys()
+    assert not missing, f"{path.name}: the parameters cell does not define {sorted(missing)}"
+    smoke = assigned["SMOKE"]
+    assert isinstance(smoke, ast.Constant) and smoke.value is False, (
+        f"{path.name}: SMOKE must default to False (CI passes SMOKE=True)"
+    )
+
+
+@params
+def test_first_cell_introduces_the_notebook(path: Path):
+    first = _read(path).cells[0]
+    assert first.cell_type == "markdown", f"{path.name}: the first cell must be markdown"
+    text = first.source
+    assert re.match(r"#\s+\S", text), f"{path.name}: the first cell must start with a '# title'"
+    lowered = text.lower()
+    for heading in ["what you will learn", "prerequisites", "run time"]:
+        assert heading in lowered, f"{path.name}: the first cell lacks '{heading}'"
+    learn = lowered.split("what you will learn", 1)[1]
+    bullets = []
+    for line in learn.splitlines()[1:]:
+        if re.match(r"\s*([-*]|\d+\.)\s+", line):
+            bullets.append(line)
+        elif bullets and line.strip() == "":
+            break
+    assert 3 <= len(bullets) <= 5, (
+        f"{path.name}: 'what you will learn' needs 3-5 bullets, found {len(bullets)}"
+    )
+
+
+@params
+def test_exercises_have_starter_solution_and_check(path: Path):
+    cells = _read(path).cells
+    starts = [i for i, c in enumerate(cells) if "exercise" in _tags(c)]
+    assert 2 <= len(starts) <= 4, f"{path.name}: needs 2-4 exercises, found {len(starts)}"
+    ends = [*starts[1:], len(cells)]
+    for number, (begin, end) in enumerate(zip(starts, ends, strict=True), start=1):
+        where = f"{path.name}, exercise {number} (cell {begin})"
+        assert cells[begin].cell_type == "markdown", f"{where}: the task must be markdown"
+        roles = {}
+        for index in range(begin + 1, end):
+            for role in ("starter", "solution", "check"):
+                if role in _tags(cells[index]):
+                    roles.setdefault(role, index)
+        for role in ("starter", "solution", "check"):
+            assert role in roles, f"{where}: no code cell tagged '{role}' before the next exercise"
+            assert cells[roles[role]].cell_type == "code", f"{where}: '{role}' must be code"
+        assert roles["starter"] < roles["solution"] < roles["check"], (
+            f"{where}: cells must come in the order starter, solution, check"
+        )
+        assert "hide-input" in _tags(cells[roles["solution"]]), (
+            f"{where}: the solution cell must also be tagged 'hide-input' (hidden in the book)"
+        )
+        assert "assert" in cells[roles["check"]].source, f"{where}: the check cell must assert"
+
+
+@params
+def test_no_stored_outputs(path: Path):
+    for index, cell in enumerate(_read(path).cells):
+        if cell.cell_type != "code":
+            continue
+        assert not cell.get("outputs"), f"{path.name}: cell {index} has stored outputs"
+        assert cell.get("execution_count") is None, (
+            f"{path.name}: cell {index} has an execution count (strip with nbstripout)"
+        )
