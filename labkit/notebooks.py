@@ -1,0 +1,101 @@
+"""Execute the course notebooks with papermill: smoke mode for tests, full mode for the book.
+
+Every notebook has a cell tagged ``parameters`` (``SMOKE = False``, ``DEVICE = "auto"``,
+``SEED = 0``, ...); papermill injects new values after it. ``labkit notebooks run`` and the
+test suite both go through :func:`run_notebook`, so a failing cell is reported the same way
+everywhere: the notebook, the cell's source and its traceback, not a papermill stack dump.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebacks
+
+
+class NotebookError(RuntimeError):
+    """A cell of a notebook raised; the message carries the cell's source and traceback."""
+
+
+@dataclass(frozen=True)
+class NotebookRun:
+    """One executed notebook: where the executed copy went and how long it took."""
+
+    notebook: Path
+    output: Path
+    seconds: float
+
+
+def find_notebooks(directory: str | Path, names: Iterable[str] = ()) -> list[Path]:
+    """The course notebooks ``NN_topic.ipynb`` in ``directory``, in order.
+
+    ``names`` selects some of them by stem or prefix (``"01"``, ``"01_self_attention"``); an
+    unknown name raises ValueError listing the notebooks that exist.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"no notebook folder at {str(directory)!r}")
+    notebooks = sorted(directory.glob(NOTEBOOK_GLOB))
+    chosen = []
+    for name in names:
+        matches = [p for p in notebooks if p.stem == name or p.stem.startswith(f"{name}_")]
+        if not matches:
+            raise ValueError(
+                f"no notebook {name!r} in {directory}; there are: {[p.stem for p in notebooks]}"
+            )
+        chosen += [p for p in matches if p not in chosen]
+    return chosen or notebooks
+
+
+def run_notebook(
+    notebook: str | Path,
+    output: str | Path,
+    *,
+    smoke: bool,
+    parameters: dict[str, Any] | None = None,
+    kernel: str = "python3",
+    cell_timeout_s: int = 600,
+) -> NotebookRun:
+    """Execute ``notebook`` into ``output`` with ``SMOKE=smoke`` (plus ``parameters``).
+
+    The working directory is the notebook's folder, as in JupyterLab. Raises NotebookError
+    naming the failing cell, with its source and traceback.
+    """
+    try:
+        import papermill
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"papermill runs the notebooks ({err}); install it with pip install -e '.[dev]'"
+        ) from None
+    notebook, output = Path(notebook), Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(output),
+            parameters={"SMOKE": smoke, **(parameters or {})},
+            kernel_name=kernel,
+            cwd=str(notebook.parent),
+            execution_timeout=cell_timeout_s,
+            progress_bar=False,
+        )
+    except PapermillExecutionError as err:
+        error = err
+    if error is not None:  # raised outside the except block: no chained papermill dump
+        traceback = ANSI.sub("", "\n".join(error.traceback))
+        raise NotebookError(
+            f"{notebook.name}: cell {error.cell_index} of the executed notebook (execution "
+            f"count {error.exec_count}) raised {error.ename}: {error.evalue}\n"
+            f"----- cell source -----\n{error.source}\n"
+            f"----- traceback -----\n{traceback}"
+        )
+    return NotebookRun(notebook, output, time.perf_counter() - start)
