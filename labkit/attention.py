@@ -348,6 +348,12 @@ class KVCache:
             self.v = torch.cat([self.v, v_new], dim=-2)
         return self.k, self.v
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in that order, e.g. the surviving beams."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
 
 class AttentionOutput(NamedTuple):
     """What an attention module returns.
@@ -466,7 +472,7 @@ class MultiHeadAttention(nn.Module):
                 reuse the cached projections and ignore the ``key``/``value`` passed.
             rotary: self-attention only; ``q, k = rotary(q, k, positions)`` on the
                 (B, heads, T, d_k) tensors before caching (e.g. ``RotaryEmbedding``).
-            positions: (q_len,) positions for ``rotary``; default
+            positions: (q_len,) or (B, q_len) positions for ``rotary``; default
                 ``arange(cache_len, cache_len + q_len)``.
 
         Returns:

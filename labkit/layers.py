@@ -198,6 +198,11 @@ class DecoderLayerCache:
     self_attn: KVCache = field(default_factory=KVCache)
     cross_attn: KVCache = field(default_factory=KVCache)
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) of both caches, e.g. the surviving beams."""
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
+
 
 def _check_sequence(name: str, x: Tensor, d_model: int) -> None:
     if x.dim() != 3 or x.shape[-1] != d_model:
@@ -302,6 +307,7 @@ class EncoderLayer(nn.Module):
         need_weights: bool = False,
         rotary: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         positions: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> LayerOutput:
         """Encode ``x``.
 
@@ -312,17 +318,23 @@ class EncoderLayer(nn.Module):
             is_causal: each position sees only itself and earlier positions (ANDed with mask).
             need_weights: also return the self-attention weights (B, H, T, T).
             rotary: e.g. ``RotaryEmbedding(head_dim)``, applied to queries and keys.
-            positions: (T,) positions for ``rotary``, default ``arange(T)``.
+            positions: (T,) or (B, T) positions for ``rotary``, default
+                ``arange(past, past + T)`` where past = ``cache.seq_len``.
+            cache: a ``KVCache`` for incremental decoding in a decoder-only stack (GPT,
+                Llama use this layer with ``is_causal=True``), updated in place; the mask
+                then covers the k_len = past + T cached and new keys.
 
         Returns:
-            LayerOutput(hidden (B, T, D), self_weights (B, H, T, T) or None, None).
+            LayerOutput(hidden (B, T, D), self_weights (B, H, T, k_len) or None, None).
         """
         _check_sequence("x", x, self.d_model)
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
 
         def self_attention(h: Tensor) -> AttentionOutput:
             return self.self_attn(
                 h, mask=mask, is_causal=is_causal, need_weights=need_weights,
-                rotary=rotary, positions=positions,
+                rotary=rotary, positions=positions, cache=cache,
             )
 
         if self.norm_first:

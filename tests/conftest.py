@@ -24,3 +24,23 @@ def device(request) -> torch.device:
 def _seed() -> None:
     """Each test starts from the same random state, so a failure reproduces exactly."""
     torch.manual_seed(0)
+
+
+# The packaged pretrained models are loaded once per test session (SmolLM2's GGUF takes ~20 s
+# to dequantize), each with its transformers reference model for equivalence checks.
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``labkit.pretrained.Pretrained``: SmolLM2-135M-Instruct as labkit ``Llama`` + reference."""
+    from labkit.pretrained import load
+
+    return load("smollm2-135m-instruct", reference=True)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """``labkit.pretrained.Pretrained``: all-MiniLM-L6-v2 as labkit ``BertEncoder`` + reference."""
+    from labkit.pretrained import load
+
+    return load("minilm", reference=True)

@@ -1,0 +1,119 @@
+"""What every labkit model shares: named outputs and the per-layer KV cache.
+
+Decoder-only models (``GPT``, ``Llama``) are called as
+``model(input_ids, attention_mask=..., cache=...)`` and return a ``CausalLMOutput``; the
+encoder-decoder ``Transformer`` has ``encode`` / ``decode``. ``labkit.generation`` needs
+nothing else.
+
+Conventions (the same as Hugging Face, so ids and masks carry over unchanged):
+
+* ``input_ids`` (B, T) int64 token ids.
+* ``attention_mask`` (B, past + T) of 1/True for real tokens, 0/False for padding, covering
+  the cached positions and the new ones (left padding for batched generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from labkit.attention import KVCache
+from labkit.layers import DecoderLayerCache
+
+
+class CausalLMOutput(NamedTuple):
+    """What a decoder-only model returns.
+
+    logits: (B, T, vocab) next-token scores for every position.
+    hidden: (B, T, D) the final hidden states (after the final norm).
+    attentions: one (B, H, T, past + T) weight tensor per layer when ``need_weights=True``,
+        else None.
+    """
+
+    logits: Tensor
+    hidden: Tensor
+    attentions: list[Tensor] | None
+
+
+@dataclass
+class ModelCache:
+    """One ``KVCache`` per layer of a decoder-only model; start each generation afresh."""
+
+    layers: list[KVCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> ModelCache:
+        return cls([KVCache() for _ in range(n_layers)])
+
+    @property
+    def seq_len(self) -> int:
+        """Positions cached so far (0 for a fresh cache)."""
+        return self.layers[0].seq_len if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in every layer, e.g. the surviving beams."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` unless ``input_ids`` is an int (B, T) tensor of ids < vocab_size."""
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(
+            f"input_ids must be an integer tensor (batch, seq), got shape "
+            f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}"
+        )
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise ValueError(
+            f"input_ids must lie in [0, vocab_size={vocab_size}), got values in "
+            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+        )
+
+
+def key_padding_mask(attention_mask: Tensor, k_len: int) -> Tensor:
+    """(B, k_len) 1/0 mask -> bool (B, 1, 1, k_len), True = may attend; checks its length."""
+    if attention_mask.dim() != 2 or attention_mask.shape[1] != k_len:
+        raise ValueError(
+            f"attention_mask must be (batch, past + seq) = (batch, {k_len}), got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool()[:, None, None, :]
+
+
+def positions_from_mask(attention_mask: Tensor, q_len: int) -> Tensor:
+    """Positions (B, q_len) of the last q_len tokens, counting only real tokens.
+
+    With left padding a sequence's first real token gets position 0 whatever its column;
+    pads get position 0 too (their output is never used).
+    """
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, k_len)
+    return positions.clamp(min=0)[:, -q_len:]
+
+
+def default_positions(past: int, q_len: int, device: torch.device) -> Tensor:
+    """Positions (q_len,) = past, past + 1, ... for unpadded input."""
+    return torch.arange(past, past + q_len, device=device)
+
+
+@dataclass
+class EncoderDecoderCache:
+    """One ``DecoderLayerCache`` per decoder layer of an encoder-decoder model."""
+
+    layers: list[DecoderLayerCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> EncoderDecoderCache:
+        return cls([DecoderLayerCache() for _ in range(n_layers)])
+
+    @property
+    def seq_len(self) -> int:
+        """Target positions cached so far (0 for a fresh cache)."""
+        return self.layers[0].self_attn.seq_len if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in every layer (self- and cross-attention)."""
+        for layer in self.layers:
+            layer.reorder(index)

