@@ -128,7 +128,8 @@ def load_gpt2(name_or_path: str | os.PathLike, reference: bool = False) -> Pretr
 
     source = str(name_or_path)
     local = Path(source).is_dir()
-    if not local and not _hub_reachable():
+    from_cache = not local and not _hub_reachable()
+    if from_cache:
         try:  # already in the local Hugging Face cache?
             hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
         except OSError as err:
@@ -141,10 +142,11 @@ def load_gpt2(name_or_path: str | os.PathLike, reference: bool = False) -> Pretr
         hf = GPT2LMHeadModel.from_pretrained(source)
     hf = hf.eval()
     model = GPT.from_hf(hf).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not _hub_reachable())
-    except OSError:
-        tokenizer = None  # e.g. a folder with weights only (a randomly initialised test model)
+    tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    if local and not any((Path(source) / name).is_file() for name in tokenizer_files):
+        tokenizer = None  # a folder with weights only, e.g. a randomly initialised test model
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=from_cache)
     return Pretrained(model, tokenizer, hf if reference else None)
 
 
