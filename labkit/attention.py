@@ -381,10 +381,19 @@ def _check_input(name: str, x: Tensor, d_model: int) -> None:
 def _sdpa_backend(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, dropout_p: float
 ) -> Tensor:
-    """torch's fused attention with labkit's semantics (bottom-right causal, zero dead rows)."""
+    """torch's fused attention with labkit's semantics (bottom-right causal, zero dead rows).
+
+    k and v may have fewer heads than q (grouped-query attention): H_kv divides H.
+    """
     q_len, k_len = q.shape[-2], k.shape[-2]
     if mask is None and (not is_causal or q_len == k_len):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        # enable_gqa: the kernel shares each key/value head with its query group, no copy.
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+        )
+    groups = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(groups, dim=-3)  # (B, H, k_len, d_k)
+    v = v.repeat_interleave(groups, dim=-3)  # (B, H, k_len, d_k)
     mask = _combine_masks(mask, is_causal, q_len, k_len, q.device)
     # Fused kernels may return NaN for queries with no key left: let them attend to every
     # key (finite, harmless) and zero their output afterwards, as the math backend does.
@@ -519,17 +528,19 @@ class MultiHeadAttention(nn.Module):
                 q, k = rotary(q, k, positions)
             if cache is not None:
                 k, v = cache.update(k, v)  # (B, H_kv, past + T, d_k)
-        # GQA: each key/value head serves n_heads // n_kv_heads consecutive query heads.
-        groups = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
-        v = v.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
         if mask is not None:
             _check_mask(mask, torch.Size((batch, self.n_heads, q_len, k.shape[-2])))
+        # One query, aligned bottom-right, sees every key: no causal mask to build (decoding).
+        is_causal = is_causal and q_len > 1
 
         dropout_p = self.dropout if self.training else 0.0
         if use_sdpa:
             out, weights = _sdpa_backend(q, k, v, mask, is_causal, dropout_p), None
         else:
+            # GQA: each key/value head serves n_heads // n_kv_heads consecutive query heads.
+            groups = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
+            v = v.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
             out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p)
         out = out.transpose(1, 2).reshape(batch, q_len, self.d_model)  # (B, q_len, d_model)
         return AttentionOutput(self.out_proj(out), weights if need_weights else None)

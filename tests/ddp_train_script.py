@@ -55,15 +55,15 @@ def make_model() -> TinyClassifier:
     return TinyClassifier().to(torch.float64)
 
 
-def train(out: Path, steps: int, batch_size: int) -> None:
+def train(out: Path, steps: int, batch_size: int, device: str = "cpu") -> None:
     """Train with a shuffled, seeded order (over several epochs when steps * batch_size > N)
     and save this rank's results into ``out``."""
-    info = init_distributed(torch.device("cpu"))  # the Trainer's own call returns this info
+    info = init_distributed(torch.device(device))  # the Trainer's own call returns this info
     config = TrainConfig(
         max_steps=steps,
         batch_size=batch_size,  # global: each of the W ranks reads batch_size / W per step
         lr=1e-2,
-        device="cpu",
+        device=device,  # "cuda": one GPU per rank, NCCL
         seed=SEED,
         shuffle=True,
         progress=False,
@@ -83,8 +83,9 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for rank{r}.pt and the checkpoints")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    train(args.out, args.steps, args.batch_size)
+    train(args.out, args.steps, args.batch_size, args.device)
 
 
 if __name__ == "__main__":

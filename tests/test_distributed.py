@@ -363,3 +363,28 @@ def test_two_processes_train_like_one(tmp_path):
     saved = torch.load(checkpoint, weights_only=True)["model"]
     for name, weight in rank0["state_dict"].items():
         assert torch.equal(saved[name], weight), f"checkpoint differs in {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: fewer than 2 GPUs"
+)
+def test_processes_on_gpus_train_like_one_gpu(tmp_path):
+    """The same check on CUDA with NCCL, one rank per GPU (NCCL refuses two ranks on one GPU)."""
+    n_gpus = torch.cuda.device_count()
+    one, many = tmp_path / "one_gpu", tmp_path / "all_gpus"
+    one.mkdir()
+    many.mkdir()
+    args = ["--device", "cuda", "--batch-size", str(4 * n_gpus)]
+    subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), str(one), *args],
+        check=True, timeout=120, capture_output=True,
+    )
+    run_torchrun(TRAIN_SCRIPT, n_gpus, [str(many), *args], timeout=180)
+    single = torch.load(one / "rank0.pt", map_location="cpu")
+    for rank in range(n_gpus):
+        ranked = torch.load(many / f"rank{rank}.pt", map_location="cpu")
+        for name, weight in ranked["state_dict"].items():
+            torch.testing.assert_close(
+                weight, single["state_dict"][name], rtol=0, atol=1e-6, msg=name
+            )

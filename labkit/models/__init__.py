@@ -1,0 +1,47 @@
+"""labkit's models, each built only from labkit components, one file per model.
+
+* ``GPT`` (``gpt.py``): GPT-2's decoder-only layout; loads Hugging Face GPT-2 checkpoints.
+* ``Llama`` (``llama.py``): RMSNorm, RoPE, SwiGLU, grouped-query attention; loads SmolLM2.
+* ``BertEncoder`` and its heads (``bert.py``): bidirectional encoder; loads all-MiniLM-L6-v2.
+* ``Transformer`` (``transformer.py``): the encoder-decoder of "Attention Is All You Need".
+
+Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
+smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
+``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches).
+"""
+
+from labkit.models.base import CausalLMOutput, EncoderDecoderCache, ModelCache
+from labkit.models.bert import (
+    BertConfig,
+    BertEncoder,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertOutput,
+    best_span,
+    mean_pool,
+)
+from labkit.models.gpt import GPT, GPTConfig
+from labkit.models.llama import Llama, LlamaConfig
+from labkit.models.transformer import Seq2SeqOutput, Transformer, TransformerConfig
+
+__all__ = [
+    "GPT",
+    "BertConfig",
+    "BertEncoder",
+    "BertForMaskedLM",
+    "BertForQuestionAnswering",
+    "BertForSequenceClassification",
+    "BertOutput",
+    "CausalLMOutput",
+    "EncoderDecoderCache",
+    "GPTConfig",
+    "Llama",
+    "LlamaConfig",
+    "ModelCache",
+    "Seq2SeqOutput",
+    "Transformer",
+    "TransformerConfig",
+    "best_span",
+    "mean_pool",
+]

@@ -1,0 +1,371 @@
+"""Llama (Touvron et al. 2023): a decoder-only Transformer, as in SmolLM2 and Llama 2/3.
+
+Shapes: B = batch, T = new tokens, past = positions already in the KV cache, D = ``d_model``,
+V = ``vocab_size``, H / H_kv = query / key-value heads.
+
+The whole model, top to bottom::
+
+    input_ids (B, T)
+    -> embed_tokens                                  (B, T, D)
+    -> n_layers x EncoderLayer, pre-norm, causal:
+           x = x + self_attn(norm1(x))               RMSNorm; RoPE on q and k; GQA (H_kv < H)
+           x = x + ffn(norm2(x))                     SwiGLU: down(silu(gate(x)) * up(x))
+    -> norm                                          final RMSNorm, (B, T, D)
+    -> lm_head                                       (B, T, V), often tied to embed_tokens
+
+Compared with GPT-2: RMSNorm instead of LayerNorm, no biases anywhere, no position table (the
+rotary embedding turns q and k by an angle proportional to the token's position, so scores
+depend on relative distance), a gated SwiGLU feed-forward, and fewer key/value heads than query
+heads (grouped-query attention, which shrinks the KV cache). Every block is a labkit component;
+this file only wires them. ``Llama.from_hf`` copies a ``transformers.LlamaForCausalLM`` (see
+``hf_name_map`` for the weight names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from labkit.layers import EncoderLayer, RMSNorm
+from labkit.models.base import (
+    CausalLMOutput,
+    ModelCache,
+    check_input_ids,
+    default_positions,
+    key_padding_mask,
+    positions_from_mask,
+)
+from labkit.positional import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class LlamaConfig:
+    """Hyper-parameters of a Llama model; the defaults are the ``"tiny"`` preset.
+
+    ``max_len`` is Hugging Face's ``max_position_embeddings`` (RoPE has no table, but the
+    model was trained up to this length); ``eps`` is ``rms_norm_eps``; ``tie_weights`` shares
+    the embedding matrix with the LM head (``tie_word_embeddings``).
+    """
+
+    vocab_size: int = 256
+    max_len: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_model: int = 64
+    d_ff: int = 172
+    rope_theta: float = 10000.0
+    eps: float = 1e-5
+    tie_weights: bool = True
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "max_len", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"head_dim = d_model / n_heads = {self.head_dim} must be even: RoPE rotates "
+                "dimensions in pairs"
+            )
+        if self.rope_theta <= 0 or self.eps <= 0:
+            raise ValueError(
+                f"rope_theta and eps must be > 0, got rope_theta={self.rope_theta}, eps={self.eps}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return False
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A named configuration (see ``PRESETS``), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown Llama preset {name!r}: expected one of {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown LlamaConfig fields {unknown}: expected some of {sorted(fields)}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> LlamaConfig:
+        """The config of a ``transformers.LlamaConfig``; ValueError for what labkit lacks.
+
+        Reads ``rope_theta`` from ``rope_parameters`` (transformers 5) or the plain attribute
+        (transformers 4). Only the default RoPE is supported: scaled variants ("linear",
+        "dynamic", "yarn", "llama3", ...) change the angles and are rejected, as are biases,
+        activations other than SiLU and a ``head_dim`` other than ``hidden_size / heads``.
+        """
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        scaling = getattr(hf_config, "rope_scaling", None) or {}  # transformers 4
+        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+        if rope_type != "default":
+            raise ValueError(
+                f"RoPE scaling type {rope_type!r} is not supported: labkit's RotaryEmbedding "
+                "implements the default (unscaled) RoPE only"
+            )
+        if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+            raise ValueError("attention_bias / mlp_bias are not supported: Llama has no biases")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf_config.hidden_act!r}")
+        n_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+        if head_dim * n_heads != hf_config.hidden_size:
+            raise ValueError(
+                f"head_dim={head_dim} * num_attention_heads={n_heads} must equal "
+                f"hidden_size={hf_config.hidden_size}"
+            )
+        n_kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            max_len=hf_config.max_position_embeddings,
+            n_layers=hf_config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            d_model=hf_config.hidden_size,
+            d_ff=hf_config.intermediate_size,
+            rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+            eps=float(hf_config.rms_norm_eps),
+            tie_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            bos_id=_first_id(hf_config.bos_token_id),
+            eos_id=_first_id(hf_config.eos_token_id),
+            pad_id=_first_id(hf_config.pad_token_id),
+        )
+
+
+def _first_id(token_id: int | list[int] | None) -> int | None:
+    """Llama 3 lists several end-of-sequence ids; labkit keeps one (the first)."""
+    if isinstance(token_id, list | tuple):
+        return int(token_id[0]) if token_id else None
+    return None if token_id is None else int(token_id)
+
+
+_SMOLLM2 = dict(vocab_size=49152, max_len=8192, eps=1e-5, tie_weights=True, bos_id=1, eos_id=2)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},  # the dataclass defaults: a 2-layer model for tests and smoke runs
+    # The *-Instruct checkpoints of HuggingFaceTB (their config.json); pad = eos = <|im_end|>.
+    "smollm2-135m": dict(
+        _SMOLLM2, n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_ff=1536,
+        rope_theta=100000.0, pad_id=2,
+    ),
+    "smollm2-360m": dict(
+        _SMOLLM2, n_layers=32, n_heads=15, n_kv_heads=5, d_model=960, d_ff=2560,
+        rope_theta=100000.0, pad_id=2,
+    ),
+    "smollm2-1.7b": dict(
+        _SMOLLM2, n_layers=24, n_heads=32, n_kv_heads=32, d_model=2048, d_ff=8192,
+        rope_theta=130000.0, pad_id=2,
+    ),
+    # meta-llama/Llama-2-7b-hf: full multi-head attention, untied head, no pad token.
+    "llama2-7b": dict(
+        vocab_size=32000, max_len=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_model=4096,
+        d_ff=11008, rope_theta=10000.0, eps=1e-5, tie_weights=False, bos_id=1, eos_id=2,
+    ),
+}  # fmt: skip
+
+
+def hf_name_map(n_layers: int, tie_weights: bool) -> dict[str, str]:
+    """Hugging Face ``LlamaForCausalLM`` parameter name -> labkit ``Llama`` parameter name."""
+    names = {"model.embed_tokens.weight": "embed_tokens.weight"}
+    for i in range(n_layers):
+        theirs, ours = f"model.layers.{i}", f"layers.{i}"
+        names |= {
+            f"{theirs}.input_layernorm.weight": f"{ours}.norm1.weight",
+            f"{theirs}.self_attn.q_proj.weight": f"{ours}.self_attn.q_proj.weight",
+            f"{theirs}.self_attn.k_proj.weight": f"{ours}.self_attn.k_proj.weight",
+            f"{theirs}.self_attn.v_proj.weight": f"{ours}.self_attn.v_proj.weight",
+            f"{theirs}.self_attn.o_proj.weight": f"{ours}.self_attn.out_proj.weight",
+            f"{theirs}.post_attention_layernorm.weight": f"{ours}.norm2.weight",
+            f"{theirs}.mlp.gate_proj.weight": f"{ours}.ffn.gate_proj.weight",
+            f"{theirs}.mlp.up_proj.weight": f"{ours}.ffn.up_proj.weight",
+            f"{theirs}.mlp.down_proj.weight": f"{ours}.ffn.down_proj.weight",
+        }
+    names["model.norm.weight"] = "norm.weight"
+    if not tie_weights:  # tied: lm_head.weight *is* embed_tokens.weight
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+class _Rotation:
+    """RoPE with cos/sin computed once per forward pass and shared by every layer.
+
+    Called by attention as ``rotary(q, k, positions)``, like ``RotaryEmbedding``; the
+    positions were already used to build cos and sin, each (T, head_dim) or (B, T, head_dim).
+    Passing ``RotaryEmbedding`` itself would give the same numbers but recompute the angles
+    in each of the ``n_layers`` layers, which costs ~15% of a decoding step on a GPU.
+    """
+
+    def __init__(self, rope: RotaryEmbedding, positions: Tensor) -> None:
+        self.cos, self.sin = rope.cos_sin(positions)
+
+    def __call__(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+
+
+class Llama(nn.Module):
+    """Llama decoder-only language model built from labkit layers (see the module docstring).
+
+    Submodules: ``embed_tokens``, ``layers`` (each an ``EncoderLayer`` with ``self_attn``,
+    ``ffn``, ``norm1``, ``norm2``), ``norm``, ``lm_head``, and ``rotary`` (no parameters).
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                c.d_model, c.n_heads, c.d_ff, dropout=0.0, activation="swiglu", norm_first=True,
+                norm="rms", eps=c.eps, bias=False, n_kv_heads=c.n_kv_heads,
+            )
+            for _ in range(c.n_layers)
+        )  # fmt: skip
+        self.norm = RMSNorm(c.d_model, eps=c.eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+        self.apply(self._init_weights)
+        if c.tie_weights:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """N(0, 0.02) for every matrix (Hugging Face's ``initializer_range``); norms start at 1."""
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig) -> Llama:
+        """A randomly initialised model, same as ``Llama(config)``."""
+        return cls(config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Llama:
+        """A randomly initialised model of a named size, e.g. ``Llama.from_preset("tiny")``."""
+        return cls(LlamaConfig.preset(name, **overrides))
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied weights counted once (as ``transformers``' method).
+
+        ``exclude_embeddings`` leaves out the token embedding, and with it a tied LM head.
+        """
+        skip = {id(self.embed_tokens.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def new_cache(self) -> ModelCache:
+        """An empty KV cache, one ``KVCache`` per layer."""
+        return ModelCache.empty(self.config.n_layers)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: ModelCache | None = None,
+        need_weights: bool = False,
+    ) -> CausalLMOutput:
+        """Next-token logits for every position.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, past + T), 1 = real token, 0 = padding (left padding for
+                batched generation), covering the cached positions and the new ones.
+            positions: (T,) or (B, T) RoPE positions; default counts the real tokens of
+                ``attention_mask`` (``positions_from_mask``), else ``past, past + 1, ...``.
+            cache: ``model.new_cache()``; the new keys/values are appended in place.
+            need_weights: also return each layer's (B, H, T, past + T) attention weights.
+
+        Returns:
+            CausalLMOutput(logits (B, T, V), hidden (B, T, D), attentions list or None).
+        """
+        c = self.config
+        check_input_ids(input_ids, c.vocab_size)
+        batch, seq = input_ids.shape
+        if cache is not None and len(cache.layers) != c.n_layers:
+            raise ValueError(
+                f"cache has {len(cache.layers)} layers, the model {c.n_layers}: "
+                "use model.new_cache()"
+            )
+        past = 0 if cache is None else cache.seq_len
+        if past + seq > c.max_len:
+            raise ValueError(f"past + T = {past} + {seq} exceeds the model's max_len={c.max_len}")
+        mask = None
+        if attention_mask is not None:
+            mask = key_padding_mask(attention_mask.to(input_ids.device), past + seq)
+        if positions is None:
+            positions = (
+                positions_from_mask(attention_mask.to(input_ids.device), seq)
+                if attention_mask is not None
+                else default_positions(past, seq, input_ids.device)
+            )
+        if positions.shape not in ((seq,), (batch, seq)):
+            raise ValueError(
+                f"positions must be ({seq},) or ({batch}, {seq}) for input_ids of shape "
+                f"{tuple(input_ids.shape)}, got {tuple(positions.shape)}"
+            )
+        rotary = _Rotation(self.rotary, positions.to(input_ids.device))
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        attentions = [] if need_weights else None
+        for i, layer in enumerate(self.layers):
+            out = layer(
+                x, mask, is_causal=True, need_weights=need_weights, rotary=rotary,
+                positions=positions, cache=None if cache is None else cache.layers[i],
+            )  # fmt: skip
+            x = out.hidden
+            if attentions is not None:
+                attentions.append(out.self_weights)
+        x = self.norm(x)  # (B, T, D)
+        return CausalLMOutput(self.lm_head(x), x, attentions)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> Llama:
+        """A labkit copy of a ``transformers.LlamaForCausalLM`` (eval mode, same dtype/device).
+
+        Names are mapped by ``hf_name_map``; a missing or unexpected Hugging Face parameter, or
+        a shape that differs from labkit's, raises ValueError naming it.
+        """
+        config = LlamaConfig.from_hf(hf_model.config)
+        theirs = hf_model.state_dict()
+        weight = theirs["model.embed_tokens.weight"]
+        model = cls(config).to(device=weight.device, dtype=weight.dtype)
+        ours = model.state_dict()
+        names = hf_name_map(config.n_layers, config.tie_weights)
+        missing = sorted(set(names) - set(theirs))
+        unexpected = sorted(set(theirs) - set(names) - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ValueError(
+                f"Hugging Face weights do not match a Llama of {config.n_layers} layers: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        with torch.no_grad():
+            for their_name, our_name in names.items():
+                src, dst = theirs[their_name], ours[our_name]
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"shape mismatch: Hugging Face {their_name} is {tuple(src.shape)}, "
+                        f"labkit {our_name} is {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)
+        return model.eval()
