@@ -456,8 +456,9 @@ def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> int:
     """Bytes of the tensors autograd saves for backward while ``forward()`` runs.
 
     Counts each storage once (views share one) and leaves out ``model``'s parameters, which
-    are needed either way. Under activation checkpointing the checkpoint itself also keeps each
-    block's input tensors, which this does not see: add one (B, T, D) input per block.
+    are needed either way. Under activation checkpointing (non-reentrant, torch's default) the
+    block inputs that the checkpoint keeps pass through the same hook, so they are counted too:
+    the figure is the whole saved-activation cost, one (B, T, D) input per checkpointed block.
     """
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
