@@ -1,5 +1,14 @@
+import json
+import math
+import os
+import random
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 from labkit.cli import main
 
@@ -57,3 +66,164 @@ def test_notebooks_run_unknown_name_is_one_clear_line(tmp_path, capsys):
     assert main(["notebooks", "run", "--dir", str(tmp_path), "07"]) == 2
     err = capsys.readouterr().err
     assert "no notebook '07'" in err and "01_mode" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# labkit train char-gpt / labkit sample
+# ---------------------------------------------------------------------------------------------
+
+TINY_RUN = [
+    "--max-iters", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+    "--block-size", "16", "--batch-size", "4", "--eval-interval", "10", "--warmup-iters", "5",
+]  # fmt: skip
+FINAL = re.compile(r"final \(step 20.*\): train loss ([\d.]+), val loss ([\d.]+)")
+START = re.compile(r"step 0: train loss ([\d.]+), val loss ([\d.]+)")
+
+
+def _play(path: Path) -> Path:
+    """A 15 kB two-speaker play over a 31-character alphabet: easy to start learning."""
+    rng = random.Random(0)
+    words = "to be or not that is the question whether tis nobler in the mind".split()
+    speeches = [
+        f"{'ROMEO' if i % 2 == 0 else 'JULIET'}:\n{' '.join(rng.choices(words, k=8))}.\n"
+        for i in range(300)
+    ]
+    path.write_text("\n".join(speeches), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy 2-core machine run far faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(text, run dir, stdout) of one tiny run through the installed ``labkit`` script."""
+    folder = tmp_path_factory.mktemp("char_gpt")
+    text, out = _play(folder / "play.txt"), folder / "run"
+    script = Path(sys.executable).with_name("labkit")
+    flags = ["--text", str(text), *TINY_RUN, "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(
+        [str(script), "train", "char-gpt", *flags],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return text, out, result.stdout
+
+
+def test_console_script_trains_and_saves_a_run(char_run):
+    _, out, stdout = char_run
+    start = [float(v) for v in START.search(stdout).groups()]
+    final = [float(v) for v in FINAL.search(stdout).groups()]
+    assert start[1] == pytest.approx(math.log(35), abs=0.1)  # 31 characters + 4 special: uniform
+    assert final[0] < start[0] - 0.2 and final[1] < start[1] - 0.2
+    assert re.search(r"[\d,]+ tokens/s .* wall time [\d.]+ s", stdout)
+    assert {"checkpoint.pt", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    run = json.loads((out / "config.json").read_text())
+    assert run["model"]["n_layers"] == 1 and run["model"]["max_len"] == 16
+    assert run["results"]["val_loss"] == pytest.approx(final[1], abs=1e-4)
+    # The Trainer's own last evaluation saw the same validation windows as the final estimate.
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 20
+    assert state["history"][-1]["eval_loss"] == pytest.approx(final[1], abs=1e-4)
+
+
+def test_main_in_process_repeats_the_console_script_run(
+    char_run, tmp_path, capsys, one_thread, device
+):
+    text, _, stdout = char_run
+    args = ["train", "char-gpt", "--text", str(text), *TINY_RUN, "--no-progress"]
+    assert main([*args, "--device", str(device), "--dtype", "fp32", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "training:" not in captured.err  # --no-progress
+    ours = [float(v) for v in FINAL.search(captured.out).groups()]
+    script = [float(v) for v in FINAL.search(stdout).groups()]
+    # Same seed, same data order: the same run (to the printed digit on the CPU).
+    assert ours == pytest.approx(script, abs=0 if device.type == "cpu" else 2e-3)
+
+
+def test_char_gpt_help_shows_the_nanogpt_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "char-gpt", "--help"])
+    assert exit_info.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--n-layer", 4), ("--n-embd", 128), ("--max-iters", 2000)]:
+        assert re.search(rf"{flag} [A-Z_]+ [^(]*\(default: {default}\)", usage), flag
+    assert "(default: 0.001)" in usage and "(default: 0.0001)" in usage  # lr, min_lr
+
+
+def test_building_the_parser_does_not_import_torch():
+    code = "import sys, labkit.cli; labkit.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_sample_continues_the_prompt_with_the_requested_characters(char_run, capsys, device):
+    text, out, _ = char_run
+    alphabet = set(text.read_text())
+    args = ["sample", "--out", str(out), "--prompt", "ROMEO:", "--device", str(device)]
+    samples = []
+    for seed in ("3", "3", "4"):  # 40 characters from a 16-position model: several windows
+        assert main([*args, "--max-new-tokens", "40", "--seed", seed]) == 0
+        samples.append(capsys.readouterr().out)
+    for sample in samples:
+        assert sample.startswith("ROMEO:") and sample.endswith("\n")
+        new = sample[len("ROMEO:") : -1]
+        assert len(new) == 40 and set(new) <= alphabet  # no special tokens, no <unk>
+    assert samples[0] == samples[1] != samples[2]
+    assert main([*args, "--prompt", "ROMEO@"]) == 2
+    assert "prompt characters ['@'] are not in the model's vocabulary" in capsys.readouterr().err
+
+
+def test_char_gpt_bad_flags_are_one_clear_line(tmp_path, capsys):
+    base = ["train", "char-gpt", "--out", str(tmp_path / "never")]
+    assert main([*base, "--n-embd", "30", "--n-head", "4"]) == 2
+    assert "n_embd=30 must be divisible by n_head=4" in capsys.readouterr().err
+    assert main([*base, "--block-size", "0"]) == 2
+    assert "block_size must be an int >= 1, got block_size=0" in capsys.readouterr().err
+    assert main([*base, "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt' does not exist" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be " * 5)
+    assert main([*base, "--text", str(short)]) == 2  # 95 characters, block_size 64
+    assert "validation split has 10 characters" in capsys.readouterr().err
+    assert main(["sample", "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labkit: error:") and "nothing' holds no trained char-GPT run" in err
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage line + message
+        main([*base, "--n-layer", "two"])
+    assert exit_info.value.code == 2
+    assert "--n-layer: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_char_windows_pair_each_window_with_the_next_characters():
+    from labkit.chargpt import CharWindows
+
+    ids = torch.arange(10)
+    windows = CharWindows(ids, block_size=4)
+    assert len(windows) == 6  # starts 0..5: the last window's target ends at ids[9]
+    x, y = windows[5]
+    assert x.tolist() == [5, 6, 7, 8] and y.tolist() == [6, 7, 8, 9]
+    sample = CharWindows.random(ids, 4, n=50, generator=torch.Generator().manual_seed(0))
+    starts = [int(sample[i][0][0]) for i in range(len(sample))]
+    assert len(starts) == 50 and min(starts) >= 0 and max(starts) <= 5
+    with pytest.raises(ValueError, match="longer than block_size=10"):
+        CharWindows(ids, block_size=10)
+
+
+def test_default_text_is_labkits_tiny_shakespeare():
+    from labkit.chargpt import load_text
+    from labkit.data import TINY_WORKS
+
+    text = load_text()  # what `labkit train char-gpt` trains on without --text
+    assert len(text) == 993_249 + 2 * (len(TINY_WORKS) - 1)  # the works, joined by blank lines
+    assert text.startswith("ANTONY AND CLEOPATRA") and "ROMEO" in text

@@ -1,0 +1,485 @@
+"""A character-level GPT on Shakespeare, nanoGPT's ``shakespeare_char`` recipe with labkit parts.
+
+``labkit train char-gpt`` and ``labkit sample`` are thin wrappers around :func:`train` and
+:func:`load_run` + :func:`sample_text`; ``benchmarks/nanogpt_char.py`` calls :func:`train` too.
+
+The recipe (nanoGPT ``config/train_shakespeare_char.py`` with its CPU settings, the defaults of
+:class:`CharGPTSettings`):
+
+- data: one text, one id per character (``CharTokenizer``, vocabulary built from the whole
+  text); the first 90% of the ids train, the last 10% validate;
+- batches: B windows of T = ``block_size`` characters at random offsets s, input
+  ``ids[s : s + T]`` and target ``ids[s + 1 : s + T + 1]`` (every position predicts the next
+  character): :class:`CharWindows`, which the ``Trainer`` reads in a seeded random order;
+- model: ``GPT`` with ``GPTConfig.preset("nanogpt-char-cpu")`` (4 layers, 4 heads, 128 wide,
+  64 positions, no biases, tied embeddings, dropout 0);
+- optimisation: AdamW with betas (0.9, 0.99) and weight decay 0.1 on the matrices, peak lr 1e-3
+  after 100 warm-up steps, cosine decay to 1e-4 at ``max_iters`` (2000), gradient norm clipped
+  to 1.0; 12 x 64 = 768 tokens per step;
+- evaluation (nanoGPT's ``estimate_loss``): the mean loss over ``eval_iters`` batches of random
+  windows of each split. The windows are drawn once per run, so successive evaluations
+  measure the same text and differ only by what the model learnt.
+
+A run directory (``--out``) holds ``checkpoint.pt`` (the Trainer's full state: weights,
+optimizer, schedule, RNG), ``config.json`` (model config, settings, final figures) and
+``tokenizer.json``.
+
+Differences from nanoGPT that remain: labkit's tokenizer adds 4 special tokens (never seen in
+training; sampling bans them), GELU uses the tanh approximation, embeddings are not weight-decayed
+(``labkit.train.param_groups``) and random windows are drawn without replacement within an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from labkit.device import get_device, seed_everything
+from labkit.generation import GenerationConfig, generate
+from labkit.models.gpt import GPT, GPTConfig
+from labkit.tokenizers import SPECIAL_TOKENS, CharTokenizer
+from labkit.train import TrainConfig, Trainer
+
+VAL_FRACTION = 0.1  # nanoGPT's data/shakespeare_char/prepare.py: the last 10% of the text
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+RUN_FORMAT = "labkit.char-gpt"
+CHECKPOINT, CONFIG, TOKENIZER = "checkpoint.pt", "config.json", "tokenizer.json"
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CharGPTSettings:
+    """One training run; the defaults are nanoGPT's shakespeare_char recipe for a CPU.
+
+    text: a UTF-8 text file, or None for labkit's packaged tiny Shakespeare (seven tragedies,
+        993,249 characters, ``labkit.data.shakespeare_texts("tiny")``).
+    n_layer, n_head, n_embd, block_size, dropout: the model (block_size = context length T).
+    batch_size, max_iters: B windows per optimizer step, and the number of steps.
+    lr, min_lr, warmup_iters: linear warm-up to lr (capped at max_iters), cosine decay to min_lr.
+    weight_decay, beta2, grad_clip: AdamW and clipping, as nanoGPT.
+    eval_interval, eval_iters: evaluate every so many steps, over so many batches per split.
+    seed: model initialisation, data order and evaluation windows.
+    device: "auto", "cpu", "cuda", "mps". dtype: "fp32", "bf16", "fp16" or "auto"; None = fp32
+        on the CPU and "auto" (bf16, or fp16 on older GPUs) elsewhere, as nanoGPT does.
+    compile: run training through ``torch.compile``. progress: show a tqdm progress bar.
+    """
+
+    text: str | None = None
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    batch_size: int = 12
+    max_iters: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str | None = None
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        counts = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters")
+        for name in (*counts, "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                "(each head gets n_embd / n_head dimensions)"
+            )
+        if self.warmup_iters < 0 or self.seed < 0:
+            raise ValueError(
+                f"warmup_iters and seed must be >= 0, got warmup_iters={self.warmup_iters}, "
+                f"seed={self.seed}"
+            )
+        if not 0 <= self.min_lr <= self.lr or self.lr <= 0:
+            raise ValueError(
+                f"need 0 <= min_lr <= lr, lr > 0, got min_lr={self.min_lr}, lr={self.lr}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout}")
+        if self.dtype is not None and self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {PRECISIONS} or None, got {self.dtype!r}")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The ``nanogpt-char-cpu`` preset at this run's sizes."""
+        return GPTConfig.preset(
+            "nanogpt-char-cpu",
+            vocab_size=vocab_size,
+            max_len=self.block_size,
+            n_layers=self.n_layer,
+            n_heads=self.n_head,
+            d_model=self.n_embd,
+            dropout=self.dropout,
+        )
+
+    def train_config(self) -> TrainConfig:
+        """The ``Trainer``'s settings: AdamW (0.9, beta2), cosine schedule, clipping, precision."""
+        device = get_device(self.device)
+        precision = self.dtype or ("fp32" if device.type == "cpu" else "auto")
+        return TrainConfig(
+            max_steps=self.max_iters,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=(0.9, self.beta2),
+            schedule="cosine",
+            warmup_steps=min(self.warmup_iters, self.max_iters),
+            min_lr=self.min_lr,
+            grad_clip=self.grad_clip,
+            precision=precision,
+            compile=self.compile,
+            eval_every=self.eval_interval,
+            eval_batches=self.eval_iters,
+            device=str(device),
+            seed=self.seed,
+            progress=self.progress,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_text(path: str | Path | None = None) -> str:
+    """The text of ``path`` (UTF-8), or labkit's packaged tiny Shakespeare when None."""
+    if path is None:
+        from labkit.data import shakespeare_texts
+
+        return "\n\n".join(shakespeare_texts("tiny").values())
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"text file {str(path)!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def _check_sequence(ids: Tensor, block_size: int) -> None:
+    if ids.dim() != 1 or len(ids) <= block_size:
+        raise ValueError(
+            f"need a 1-D sequence longer than block_size={block_size}, got shape {tuple(ids.shape)}"
+        )
+
+
+class CharWindows(Dataset):
+    """Next-character training pairs cut from one long sequence of ids.
+
+    Item i is ``(ids[s : s + T], ids[s + 1 : s + T + 1])``, two (T,) tensors, with
+    s = ``starts[i]``; by default every offset 0 .. len(ids) - T - 1 once, so a shuffled pass
+    over the dataset is nanoGPT's random-offset batching (without replacement).
+    """
+
+    def __init__(self, ids: Tensor, block_size: int, starts: Tensor | None = None) -> None:
+        _check_sequence(ids, block_size)
+        self.ids = ids
+        self.block_size = block_size
+        self.starts = starts
+
+    @classmethod
+    def random(
+        cls, ids: Tensor, block_size: int, n: int, generator: torch.Generator
+    ) -> CharWindows:
+        """``n`` windows at offsets drawn uniformly (with replacement), as nanoGPT's get_batch."""
+        _check_sequence(ids, block_size)
+        starts = torch.randint(len(ids) - block_size, (n,), generator=generator)
+        return cls(ids, block_size, starts)
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.block_size if self.starts is None else len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        s = i if self.starts is None else int(self.starts[i])
+        window = self.ids[s : s + self.block_size + 1]  # (T + 1,)
+        return window[:-1], window[1:]
+
+
+def split_ids(ids: Tensor, block_size: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The first 90% of ``ids`` and the last 10%, each checked to hold full windows."""
+    n_train = int(len(ids) * (1 - VAL_FRACTION))
+    train, val = ids[:n_train], ids[n_train:]
+    for name, part in (("train", train), ("validation", val)):
+        if len(part) <= block_size:
+            raise ValueError(
+                f"the {name} split has {len(part)} characters, too few for one window of "
+                f"block_size={block_size} (+1 target); use a longer text or a smaller block_size"
+            )
+    if len(train) - block_size < batch_size:
+        raise ValueError(
+            f"the train split has {len(train) - block_size} windows of block_size={block_size}, "
+            f"fewer than batch_size={batch_size}"
+        )
+    return train, val
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: GPT, windows: CharWindows, batch_size: int, amp_dtype: torch.dtype | None = None
+) -> float:
+    """Mean next-character cross-entropy over ``windows`` in batches (nanoGPT's estimate_loss),
+    in eval mode; equal batches make it the mean over every predicted character."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in DataLoader(windows, batch_size=batch_size):  # (B, T) each
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).logits  # (B, T, V)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CharGPTResult:
+    """What a run measured. Losses are nats per character over ``eval_iters`` batches.
+
+    tokens_per_s: trained characters per second of optimizer steps (evaluation excluded);
+    fit_s: seconds in ``Trainer.fit`` (periodic evaluation included); wall_s: the whole run,
+    from reading the text to the saved checkpoint. model (eval mode, on the run's device) and
+    tokenizer are ready for :func:`sample_text`.
+    """
+
+    initial_train_loss: float
+    initial_val_loss: float
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+    fit_s: float
+    wall_s: float
+    n_params: int
+    vocab_size: int
+    history: pd.DataFrame
+    out: Path
+    model: GPT
+    tokenizer: CharTokenizer
+
+    def figures(self) -> dict[str, float | int]:
+        """The numbers only (what config.json's "results" holds)."""
+        skip = ("history", "out", "model", "tokenizer")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+@contextmanager
+def _show_trainer_log() -> Iterator[None]:
+    """Print the Trainer's INFO lines (evaluations) above its progress bar while training."""
+    trainer_log = logging.getLogger("labkit.train")
+    handler, level = _TqdmHandler(), trainer_log.level
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    trainer_log.addHandler(handler)
+    trainer_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        trainer_log.removeHandler(handler)
+        trainer_log.setLevel(level)
+
+
+def train(
+    settings: CharGPTSettings, out: str | Path, log: Callable[[str], None] = print
+) -> CharGPTResult:
+    """Train a character GPT as ``settings`` say and save the run to ``out``."""
+    start = time.perf_counter()
+    text = load_text(settings.text)
+    tokenizer = CharTokenizer.from_corpus(text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+    train_ids, val_ids = split_ids(ids, settings.block_size, settings.batch_size)
+    source = settings.text or "labkit's tiny Shakespeare"
+    log(
+        f"text: {source}, {len(ids):,} characters, vocabulary {len(tokenizer.chars)} characters "
+        f"+ {len(SPECIAL_TOKENS)} special; train {len(train_ids):,} / val {len(val_ids):,}"
+    )
+
+    config = settings.train_config()  # checks the device before anything is built
+    seed_everything(settings.seed)
+    model = GPT(settings.model_config(tokenizer.vocab_size))
+    # Evaluation windows: drawn once, from their own generator, for every evaluation.
+    generator = torch.Generator().manual_seed(settings.seed)
+    n_eval = settings.eval_iters * settings.batch_size
+    train_sample = CharWindows.random(train_ids, settings.block_size, n_eval, generator)
+    val_sample = CharWindows.random(val_ids, settings.block_size, n_eval, generator)
+    trainer = Trainer(
+        model, config, CharWindows(train_ids, settings.block_size), val_sample, metrics={}
+    )
+    n_params = model.num_parameters()
+    log(
+        f"model: {n_params / 1e6:.2f}M parameters (n_layer={settings.n_layer}, "
+        f"n_head={settings.n_head}, n_embd={settings.n_embd}, block_size={settings.block_size}); "
+        f"device {trainer.device}, precision {config.precision}"
+    )
+
+    def losses() -> tuple[float, float]:
+        return tuple(
+            estimate_loss(model, sample, settings.batch_size, trainer.amp_dtype)
+            for sample in (train_sample, val_sample)
+        )
+
+    initial = losses()
+    log(f"step 0: train loss {initial[0]:.4f}, val loss {initial[1]:.4f}")
+    fit_start = time.perf_counter()
+    with _show_trainer_log():
+        history = trainer.fit()
+    fit_s = time.perf_counter() - fit_start
+    final = losses()
+    model.eval()  # ready to sample
+
+    # The history's tokens_per_s is per step; every step trains B * T characters.
+    tokens_per_step = settings.batch_size * settings.block_size
+    step_s = (tokens_per_step / history["tokens_per_s"]).sum()  # seconds in optimizer steps
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(out / CHECKPOINT)
+    tokenizer.save(out / TOKENIZER)
+    result = CharGPTResult(
+        initial_train_loss=initial[0],
+        initial_val_loss=initial[1],
+        train_loss=final[0],
+        val_loss=final[1],
+        tokens_per_s=tokens_per_step * len(history) / step_s,
+        fit_s=fit_s,
+        wall_s=time.perf_counter() - start,
+        n_params=n_params,
+        vocab_size=tokenizer.vocab_size,
+        history=history,
+        out=out,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    run = {
+        "format": RUN_FORMAT,
+        "model": asdict(model.config),
+        "settings": asdict(settings),
+        "results": result.figures(),
+    }
+    (out / CONFIG).write_text(json.dumps(run, indent=2), encoding="utf-8")
+    log(
+        f"final (step {settings.max_iters}, {settings.eval_iters} batches per split): "
+        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
+    )
+    log(
+        f"speed: {result.tokens_per_s:,.0f} tokens/s in training steps; "
+        f"wall time {result.wall_s:.1f} s (training {fit_s:.1f} s with evaluations)"
+    )
+    log(f"saved {CHECKPOINT}, {CONFIG}, {TOKENIZER} to {out}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, CharTokenizer, dict]:
+    """The trained model (eval mode, on ``device``), its tokenizer and config.json's contents."""
+    out = Path(out)
+    missing = [name for name in (CHECKPOINT, CONFIG, TOKENIZER) if not (out / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"{str(out)!r} holds no trained char-GPT run (missing {', '.join(missing)}); "
+            "train one with: labkit train char-gpt --out DIR"
+        )
+    run = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    if run.get("format") != RUN_FORMAT:
+        raise ValueError(f"{str(out / CONFIG)!r} is not a char-GPT run (format {RUN_FORMAT!r})")
+    target = get_device(device)
+    model = GPT(GPTConfig(**run["model"]))
+    state = torch.load(out / CHECKPOINT, map_location=target, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(target).eval(), CharTokenizer.load(out / TOKENIZER), run
+
+
+def sample_text(
+    model: GPT,
+    tokenizer: CharTokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 500,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int | None = None,
+) -> str:
+    """``prompt`` followed by ``max_new_tokens`` sampled characters.
+
+    Generation runs through ``labkit.generation.generate`` with a KV cache. The model knows
+    ``max_len`` positions only, so a longer text is made in windows: once the text fills the
+    context, the next window starts from its last max_len // 2 characters (nanoGPT instead
+    recomputes the last max_len characters for every new one). The special tokens were never
+    trained, so they are banned: all four count as end-of-text and ``min_new_tokens`` forbids
+    ending early. ``seed`` makes the draws reproducible (window i uses seed + i).
+    """
+    if not prompt:
+        raise ValueError("prompt must hold at least one character")
+    unknown = sorted(set(prompt) - set(tokenizer.chars))
+    if unknown:
+        raise ValueError(f"prompt characters {unknown} are not in the model's vocabulary")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_len = model.config.max_len
+    keep = max(1, max_len // 2)
+    tokens = tokenizer.encode(prompt)
+    new = window = 0
+    while new < max_new_tokens:
+        context = tokens if len(tokens) < max_len else tokens[-keep:]
+        n = min(max_new_tokens - new, max_len - len(context) + 1)
+        config = GenerationConfig(
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            eos_id=tuple(range(len(SPECIAL_TOKENS))),
+            seed=None if seed is None else seed + window,
+        )
+        output = generate(model, torch.tensor([context]), config=config)
+        tokens += output.new_tokens[0].tolist()
+        new, window = new + n, window + 1
+    return tokenizer.decode(tokens)
+
+
+__all__ = [
+    "CharGPTResult",
+    "CharGPTSettings",
+    "CharWindows",
+    "estimate_loss",
+    "load_run",
+    "load_text",
+    "sample_text",
+    "split_ids",
+    "train",
+]
