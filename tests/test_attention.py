@@ -561,7 +561,8 @@ def test_rotary_positions_continue_after_the_cache(device):
 def test_rotary_receives_explicit_positions(device):
     mha = MultiHeadAttention(16, 4).to(device)
     rotary = ToyRotary()
-    mha(torch.randn(1, 3, 16, device=device), rotary=rotary, positions=torch.tensor([7, 8, 9]))
+    positions = torch.tensor([7, 8, 9], device=device)
+    mha(torch.randn(1, 3, 16, device=device), rotary=rotary, positions=positions)
     assert rotary.positions == [[7, 8, 9]]
 
 

@@ -42,7 +42,7 @@ def test_ci_runs_the_readme_test_command_last():
 
 
 def test_ci_performs_every_install_step_of_the_readme_setup():
-    steps = [step.strip() for step in _readme_command("set up and take the tour").split("&&")]
+    steps = [step.strip() for step in _readme_command("set up and open the course").split("&&")]
     installs = [step for step in steps if step.startswith("pip install")]
     assert installs, "the README's setup command installs nothing"
     ci = _ci_lines()
