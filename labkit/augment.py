@@ -11,6 +11,14 @@ Words are the whitespace-separated pieces of the text, and an augmented text joi
 single spaces. Every function takes a ``rng``, a ``random.Random`` or an int seed, so the same
 seed always gives the same augmentation; ``p=0`` returns the text unchanged; no function ever
 returns an empty string.
+
+And one sentence-level operation that needs a language model:
+
+- ``paraphrase``: ask the packaged SmolLM2-135M-Instruct, through its chat template, to say each
+  text in other words (batched, left-padded, with ``labkit.generation``). A 135M-parameter model
+  paraphrases loosely: expect many near-copies, some lost or added detail, and now and then a
+  changed meaning or tone (a complaint answered with "I'm sorry..."). Treat its output as noisy
+  augmentation and check a sample before training on it.
 """
 
 from __future__ import annotations
@@ -20,6 +28,12 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch and the model are imported only when paraphrase runs
+    from torch import nn
+
+    from labkit.generation import GenerationConfig
 
 DEFAULT_SYNONYMS = Path(__file__).resolve().parent.parent / "data" / "synonyms.txt"
 
@@ -138,3 +152,149 @@ def synonym_replacement(
             word = lead + _match_case(core, rng.choice(options)) + trail
         out.append(word)
     return " ".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paraphrasing with SmolLM2-135M-Instruct
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_INSTRUCTION = "Paraphrase this text:"
+# One worked example, sent as an earlier user/assistant turn: with it the 135M model answers
+# with a paraphrase far more often than with the instruction alone (which it mostly answers by
+# copying the text, or by replying to it). More examples made it copy their wording instead.
+DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("The movie was boring and far too long.", "The film was dull and went on for much too long."),
+)
+_LABEL = re.compile(r"^(paraphrased?( text| sentence| version)?|rewritten( text)?)\s*:\s*", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d"}
+
+
+def paraphrase_config() -> GenerationConfig:
+    """The default decoding of ``paraphrase``: nucleus sampling at temperature 0.5 (top-p 0.9),
+    at most 48 new tokens, stopping at the first newline (the cleaned paraphrase is one line).
+
+    Temperature 0.5 keeps most outputs on topic while still varying with the seed; at 0.7 the
+    135M model drifts more often (it copied its worked example into unrelated answers).
+    """
+    from labkit.generation import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=48, do_sample=True, temperature=0.5, top_p=0.9, stop_strings=("\n",)
+    )
+
+
+def paraphrase_prompt(
+    text: str,
+    tokenizer: Any,
+    *,
+    instruction: str = DEFAULT_INSTRUCTION,
+    examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES,
+) -> str:
+    """The chat-templated prompt that asks for a paraphrase of ``text``.
+
+    Each ``(text, paraphrase)`` of ``examples`` becomes a user turn ``"{instruction}\n\n{text}"``
+    and an assistant answer; then ``text`` as the last user turn, and the opening of the
+    assistant's answer (``add_generation_prompt``), so the model's next tokens are the reply.
+    """
+    messages = []
+    for example, answer in examples:
+        messages.append({"role": "user", "content": f"{instruction}\n\n{example}"})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": f"{instruction}\n\n{text}"})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def clean_paraphrase(generated: str, original: str) -> str:
+    """Turn the model's raw reply into one paraphrase of ``original``.
+
+    Keeps the first non-empty line, drops a leading label ("Paraphrase: ...") and quotes that
+    wrap the whole line, and keeps at most as many sentences as ``original`` has (the model
+    often adds a comment after the paraphrase). Falls back to ``original`` if nothing is left.
+    """
+    lines = [line.strip() for line in generated.splitlines() if line.strip()]
+    if not lines:
+        return original
+    text = _LABEL.sub("", lines[0]).strip()
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    keep = max(1, len(_sentences(original)))
+    text = " ".join(_sentences(text)[:keep])
+    return text or original
+
+
+@functools.cache
+def _default_smollm2() -> tuple[nn.Module, Any]:
+    from labkit.pretrained import load
+
+    pretrained = load("smollm2-135m-instruct")  # ~20 s or more: once per process
+    return pretrained.model, pretrained.tokenizer
+
+
+def paraphrase(
+    texts: Sequence[str],
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    config: GenerationConfig | None = None,
+    seed: int | None = 0,
+    instruction: str = DEFAULT_INSTRUCTION,
+    examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES,
+    batch_size: int = 8,
+) -> list[str]:
+    """One paraphrase per text, written by SmolLM2-135M-Instruct (see the module docstring for
+    how loose they are).
+
+    model: a ``labkit.pretrained.Pretrained`` (its tokenizer is used), or a labkit decoder-only
+        model together with ``tokenizer``; None loads SmolLM2-135M-Instruct once per process
+        (kept for later calls). Load it yourself to choose its device.
+    config: how to decode, default ``paraphrase_config()`` (nucleus sampling at temperature
+        0.5); pass e.g. ``GenerationConfig.preset("greedy", max_new_tokens=48)`` for the single
+        most likely paraphrase.
+    seed: replaces ``config.seed``, so the same texts, seed and batch_size always give the
+        same paraphrases; different seeds give different variants of each text (None: torch's
+        global random state). Greedy decoding ignores it.
+    instruction, examples: what the prompt asks and the worked examples shown before it
+        (``paraphrase_prompt``); ``examples=()`` asks with the instruction alone.
+    batch_size: prompts per ``generate`` call (left-padded together).
+
+    Each reply is cleaned by ``clean_paraphrase``: one line, at most as many sentences as the
+    original, the original itself when the model produced nothing usable.
+    """
+    from labkit.generation import generate
+    from labkit.pretrained import Pretrained
+
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, got a single str; wrap it: [text]")
+    texts = list(texts)
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"texts {empty} are empty or not strings: nothing to paraphrase")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(model, Pretrained):
+        model, tokenizer = model.model, tokenizer or model.tokenizer
+    if (model is None) != (tokenizer is None):
+        raise ValueError(
+            "pass both model and tokenizer, a labkit.pretrained.Pretrained as model, or neither "
+            "(to load SmolLM2-135M-Instruct)"
+        )
+    if not texts:
+        return []
+    if model is None:
+        model, tokenizer = _default_smollm2()
+    config = (config or paraphrase_config()).replace(seed=seed)
+
+    prompts = [
+        paraphrase_prompt(text, tokenizer, instruction=instruction, examples=examples)
+        for text in texts
+    ]
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        replies += generate(model, batch, config=config, tokenizer=tokenizer).text
+    return [clean_paraphrase(reply, text) for reply, text in zip(replies, texts, strict=True)]

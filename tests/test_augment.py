@@ -1,18 +1,28 @@
-"""Tests for labkit.augment: seeded, never empty, identity at p=0, synonyms only from the list."""
+"""Tests for labkit.augment: seeded, never empty, identity at p=0, synonyms only from the list;
+SmolLM2 paraphrases: one per text, through the chat template, reproducible for a seed."""
 
 import random
 import re
 from collections import Counter
 
 import pytest
+import torch
 
+from labkit import augment
 from labkit.augment import (
+    DEFAULT_EXAMPLES,
+    DEFAULT_INSTRUCTION,
     DEFAULT_SYNONYMS,
+    clean_paraphrase,
     load_synonyms,
+    paraphrase,
+    paraphrase_config,
+    paraphrase_prompt,
     random_deletion,
     random_swap,
     synonym_replacement,
 )
+from labkit.generation import GenerationConfig
 
 TEXTS = [
     "I love my new car, it is really fast and the ride is great!",
@@ -137,3 +147,120 @@ def test_bad_arguments(augment):
         augment(TEXTS[0], -0.1, rng=0)
     with pytest.raises(ValueError, match="text has no words to augment"):
         augment("   ", 0.5, rng=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paraphrasing with SmolLM2-135M-Instruct (session fixture ``smollm2``: loaded once)
+# ----------------------------------------------------------------------------------------------
+
+PARAPHRASE_TEXTS = [
+    "I love my new car, it is really fast and the ride is great!",
+    "The weather was cold and rainy all weekend.",
+]
+SHORT = dict(max_new_tokens=24)  # keeps each generate call to a few seconds on a CPU
+
+
+def test_paraphrase_prompt_is_the_chat_template_of_instruction_examples_and_text(smollm2):
+    tokenizer = smollm2.tokenizer
+    text = PARAPHRASE_TEXTS[1]
+    prompt = paraphrase_prompt(text, tokenizer)
+    ((example, answer),) = DEFAULT_EXAMPLES
+    messages = [
+        {"role": "user", "content": f"{DEFAULT_INSTRUCTION}\n\n{example}"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": f"{DEFAULT_INSTRUCTION}\n\n{text}"},
+    ]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == expected
+    # the text is the last user turn, and the prompt ends where the assistant's reply begins
+    assert prompt.endswith(
+        f"<|im_start|>user\n{DEFAULT_INSTRUCTION}\n\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    bare = paraphrase_prompt(text, tokenizer, instruction="Say it differently.", examples=())
+    assert "Say it differently.\n\n" + text in bare and example not in bare
+    assert bare.count("<|im_start|>user") == 1
+
+
+@pytest.fixture(scope="module")
+def sampled(smollm2):
+    return paraphrase(PARAPHRASE_TEXTS, smollm2, config=paraphrase_config().replace(**SHORT))
+
+
+def test_paraphrase_gives_one_new_line_per_text(sampled):
+    assert isinstance(sampled, list) and len(sampled) == len(PARAPHRASE_TEXTS)
+    for out in sampled:
+        assert isinstance(out, str) and out.strip() == out and out
+        assert "\n" not in out and "<|im" not in out  # one line, no special tokens
+    assert sampled != PARAPHRASE_TEXTS  # the model rewrote at least one of them
+
+
+def test_paraphrase_is_reproducible_for_a_seed(smollm2, sampled, monkeypatch):
+    # No model given: the default one (here the session's, not a second ~20 s load). The default
+    # seed 0 again, torch's global random state moved on: the same paraphrases, so the seed,
+    # not the global state, drives the sampling.
+    monkeypatch.setattr(augment, "_default_smollm2", lambda: (smollm2.model, smollm2.tokenizer))
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    again = paraphrase(PARAPHRASE_TEXTS, config=paraphrase_config().replace(**SHORT))
+    assert again == sampled
+
+
+def test_greedy_paraphrase_batched_equals_one_at_a_time(smollm2, monkeypatch):
+    """The chat-templated prompts go to labkit.generation.generate in batches of batch_size,
+    and left padding in a batch changes nothing: each text comes out as if it were alone."""
+    import labkit.generation
+
+    batches = []
+    real_generate = labkit.generation.generate
+
+    def spy(model, prompts, **kwargs):
+        batches.append(list(prompts))
+        return real_generate(model, prompts, **kwargs)
+
+    monkeypatch.setattr(labkit.generation, "generate", spy)
+    greedy = GenerationConfig.preset("greedy", stop_strings=("\n",), **SHORT)
+    batched = paraphrase(PARAPHRASE_TEXTS, smollm2, config=greedy)
+    alone = paraphrase(  # model and tokenizer passed separately
+        PARAPHRASE_TEXTS, smollm2.model, smollm2.tokenizer, config=greedy, batch_size=1
+    )
+    prompts = [paraphrase_prompt(text, smollm2.tokenizer) for text in PARAPHRASE_TEXTS]
+    assert batches == [prompts, prompts[:1], prompts[1:]]
+    assert batched == alone
+    assert len(batched) == 2 and all(batched)
+
+
+@pytest.mark.parametrize(
+    ("generated", "original", "expected"),
+    [
+        ("  The film was dull.  \nI hope this helps!", "The movie was bad.", "The film was dull."),
+        ("", "Keep me.", "Keep me."),
+        (" \n\n  ", "Keep me.", "Keep me."),
+        ('"The car is fast."', "My car is quick.", "The car is fast."),
+        ("\u201cThe car is fast.\u201d", "My car is quick.", "The car is fast."),
+        ("Paraphrase: It was cold.", "The weather was cold.", "It was cold."),
+        ("Paraphrased text:   It was cold.", "The weather was cold.", "It was cold."),
+        ("It was cold. I hope that helps! Anything else?", "Cold weekend.", "It was cold."),
+        (
+            "Broken phone. Bad support. Sorry!",
+            "Phone broken. Support bad.",
+            "Broken phone. Bad support.",
+        ),
+        ("it's 'fine' I think", "It is fine.", "it's 'fine' I think"),  # inner quotes kept
+        ('"', "Keep me.", '"'),
+    ],
+)
+def test_clean_paraphrase(generated, original, expected):
+    assert clean_paraphrase(generated, original) == expected
+
+
+def test_paraphrase_bad_arguments():
+    """Checked before any model is loaded."""
+    with pytest.raises(ValueError, match="single str"):
+        paraphrase("one text")
+    with pytest.raises(ValueError, match=r"texts \[1\] are empty"):
+        paraphrase(["fine", "   "])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        paraphrase(["fine"], batch_size=0)
+    with pytest.raises(ValueError, match="pass both model and tokenizer"):
+        paraphrase(["fine"], model=object())
+    assert paraphrase([]) == []  # nothing to do: no model is loaded
