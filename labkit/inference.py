@@ -1,0 +1,542 @@
+"""Inference optimisation, measured: memory, precision, perplexity and generation speed.
+
+A trained model is only half the story; serving it is a budget of bytes and seconds. This module
+holds small functions that *measure* the usual levers on a labkit decoder (``GPT``, ``Llama``):
+
+* **Memory.** Weights take ``n_params x bytes per value`` (a tied embedding / LM head matrix is
+  stored once). While generating, the KV cache holds every past key and value of every layer::
+
+      kv_cache_bytes = 2 (K and V) x n_layers x batch x n_kv_heads x seq_len x head_dim x bytes
+
+  ``memory_estimate`` computes both; the tests check them against the bytes really held. Grouped
+  -query attention (``n_kv_heads < n_heads``) shrinks the cache by ``n_heads / n_kv_heads``.
+* **Precision.** ``to_bf16`` halves the weights (bfloat16 keeps float32's range, fewer mantissa
+  bits); ``quantize_int8`` stores each ``nn.Linear`` weight matrix as int8 plus one float scale
+  per output row (``Int8Linear``, 4x smaller than float32). ``model_size_bytes`` measures
+  either by serialising the ``state_dict``, so int8 buffers and packed weights count too.
+* **Quality.** ``perplexity`` = exp(mean next-token cross-entropy) over a long text, evaluated
+  with a sliding window (Hugging Face's strided evaluation) so every token is scored once, with
+  at least ``block_size - stride`` tokens of context after the first window.
+* **Speed.** ``time_generation`` times ``labkit.generation.generate``; ``kv_cache_speedup``,
+  ``throughput_vs_batch`` and ``compare_precisions`` return ``pandas`` tables for notebooks and
+  ``benchmarks/generation.py``.
+
+Shapes: B batch, T tokens, V vocabulary, N length of an evaluated token sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labkit.generation import generate
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes needed to run a decoder: weights, KV cache, and their sum."""
+
+    params_bytes: int
+    kv_cache_bytes: int
+    total: int
+
+
+def _decoder_class(config: Any) -> type[nn.Module]:
+    """The labkit model class a decoder-only config builds."""
+    from labkit.models.gpt import GPT, GPTConfig
+    from labkit.models.llama import Llama, LlamaConfig
+
+    classes: dict[type, type[nn.Module]] = {GPTConfig: GPT, LlamaConfig: Llama}
+    if type(config) not in classes:
+        raise ValueError(
+            f"memory_estimate takes a GPT or Llama model or config, got {type(config).__name__}"
+        )
+    return classes[type(config)]
+
+
+def parameter_count(model_or_config: nn.Module | Any) -> int:
+    """Number of parameters, a tied matrix counted once.
+
+    A config is built into its model on PyTorch's ``meta`` device (shapes only, no memory), so
+    even a 7B configuration is counted instantly and exactly.
+    """
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        with torch.device("meta"):
+            model = _decoder_class(model_or_config)(model_or_config)
+    return sum(p.numel() for p in model.parameters())  # parameters() skips shared ones
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Bytes per value of ``dtype``: 4 for float32, 2 for bfloat16 / float16, 1 for int8."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def memory_estimate(
+    model_or_config: nn.Module | Any,
+    dtype: torch.dtype | None = None,
+    batch: int = 1,
+    seq_len: int | None = None,
+    kv_dtype: torch.dtype | None = None,
+) -> MemoryEstimate:
+    """Weights + KV-cache bytes for generating ``batch`` sequences of ``seq_len`` positions.
+
+    Args:
+        model_or_config: a ``GPT`` / ``Llama`` or its config (``n_kv_heads = n_heads`` for GPT).
+        dtype: weight dtype; default the model's, or float32 for a config.
+        batch: sequences generated together.
+        seq_len: cached positions per sequence (prompt + generated); default ``max_len``.
+        kv_dtype: dtype of the cached keys/values; default ``dtype``. Int8 *weight*
+            quantization keeps float32 activations, hence a float32 cache: pass it here.
+
+    For a model already quantized, measure it with ``model_size_bytes`` instead (its int8
+    weights are buffers, not parameters); estimate it from the float model with
+    ``dtype=torch.int8, kv_dtype=torch.float32``.
+    """
+    model = model_or_config if isinstance(model_or_config, nn.Module) else None
+    config = model.config if model is not None else model_or_config
+    _decoder_class(config)  # GPT or Llama only: ValueError otherwise
+    if dtype is None:
+        dtype = next(model.parameters()).dtype if model is not None else torch.float32
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    seq_len = config.max_len if seq_len is None else seq_len
+    if batch < 1 or seq_len < 0:
+        raise ValueError(f"batch must be >= 1 and seq_len >= 0, got batch={batch}, {seq_len=}")
+
+    params_bytes = parameter_count(model_or_config) * dtype_bytes(dtype)
+    n_kv_heads = getattr(config, "n_kv_heads", config.n_heads)
+    head_dim = config.d_model // config.n_heads
+    kv_values = 2 * config.n_layers * batch * n_kv_heads * seq_len * head_dim
+    kv_cache_bytes = kv_values * dtype_bytes(kv_dtype)
+    return MemoryEstimate(params_bytes, kv_cache_bytes, params_bytes + kv_cache_bytes)
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``model.state_dict()`` serialised with ``torch.save`` (as on disk).
+
+    Unlike summing ``p.numel() * p.element_size()`` this also sees the packed int8 weights of
+    quantized layers (which are not ``nn.Parameter``s). A tied matrix is saved once; pickling
+    adds a few hundred bytes per tensor.
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def to_bf16(model: nn.Module) -> nn.Module:
+    """A bfloat16 copy of ``model`` in eval mode (the original is left unchanged)."""
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights: ``W ≈ scale[:, None] * weight``, one scale per row.
+
+    Symmetric per-output-channel quantization: row i is divided by ``scale[i] = max|W[i]| /
+    127`` and rounded to an integer in [-127, 127], so the largest weight of each row is exact
+    and the others are off by at most ``scale[i] / 2``. The forward pass is "weight-only": the
+    int8 matrix is converted to the input's dtype and the per-row scale applied to the output,
+    ``y = (x @ weight^T) * scale + bias``, so activations stay float (full precision).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))  # (out,) float32
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantize a float ``nn.Linear`` (same device; the bias stays float)."""
+        w = linear.weight.detach().float()  # (out, in)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
+        module.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        module.scale = scale
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone())
+        return module.to(w.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out)."""
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+def _tied_linears(model: nn.Module) -> set[str]:
+    """Names of the ``nn.Linear`` modules whose weight is shared with another module."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and owners[id(module.weight)] > 1
+    }
+
+
+def quantize_int8(
+    model: nn.Module, *, mode: str = "weight-only", skip_tied: bool = True
+) -> nn.Module:
+    """An int8 copy of ``model`` (eval mode): every ``nn.Linear`` weight stored in 8 bits.
+
+    Storage drops 4x from float32 for those matrices; embeddings and norms stay float.
+
+    mode:
+        "weight-only": each Linear becomes an ``Int8Linear`` (per-row scales, float
+            activations). Near-lossless, pure PyTorch, any device. The weights are converted
+            back to float inside every call, so without a fused kernel it saves memory, not time.
+        "dynamic": ``torch.ao.quantization.quantize_dynamic`` with per-channel int8 weights;
+            each input is also quantized to 8 bits on the fly (one scale per tensor) and the
+            matmul runs in int8 (fbgemm / oneDNN kernels: CPU only). Fast, but an LLM's
+            activations have outlier features that one 8-bit scale per tensor cannot hold: on
+            SmolLM2 the SwiGLU ``down_proj`` input wrecks perplexity (the problem LLM.int8()
+            solves). PyTorch deprecates ``torch.ao.quantization`` in favour of torchao (it
+            still works in torch 2.13; the warning is silenced here).
+
+    torchao's ``quantize_(model, Int8WeightOnlyConfig())`` is the supported production
+    version of "weight-only" (``pip install torchao``), with fused kernels.
+
+    skip_tied: leave a Linear whose weight is shared (an LM head tied to the embedding) in
+        float: quantizing it would add an int8 copy next to the float embedding it must keep.
+    """
+    if mode not in ("weight-only", "dynamic"):
+        raise ValueError(f"mode must be 'weight-only' or 'dynamic', got {mode!r}")
+    if mode == "dynamic" and _device_of(model).type != "cpu":
+        raise ValueError(
+            f"mode='dynamic' quantizes for the CPU only; the model is on {_device_of(model)}"
+        )
+    targets = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if skip_tied:
+        targets -= _tied_linears(model)
+    model = copy.deepcopy(model).float().eval()
+    if mode == "dynamic":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed)")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            spec = dict.fromkeys(targets, per_channel_dynamic_qconfig)
+            return quantize_dynamic(model, spec, dtype=torch.qint8)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality: sliding-window perplexity
+# ----------------------------------------------------------------------------------------------
+
+
+def _windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first) for each window ``ids[begin:end]`` scoring targets ``first..end-1``.
+
+    Windows start every ``stride`` tokens until one reaches the end. A window scores only the
+    tokens after the previous window's end, so each token is scored once; token ``begin`` has
+    no context inside its window and is never a target.
+    """
+    windows, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + block_size, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def perplexity(
+    model: nn.Module,
+    token_ids: Tensor | Sequence[int],
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+) -> float:
+    """Perplexity ``exp(mean NLL)`` of a causal LM on one long token sequence (N,).
+
+    The model sees windows of ``block_size`` tokens (default ``model.config.max_len``) that
+    start every ``stride`` tokens (default ``block_size``: no overlap). Each token after the
+    first is scored once, by the first window that reaches it, using the context inside that
+    window: a smaller ``stride`` gives every scored token at least ``block_size - stride`` tokens
+    of context (a lower, fairer perplexity) at ``block_size / stride`` times the compute. With
+    ``stride == block_size`` the first token of each window is not scored (no context).
+    Windows run ``batch_size`` at a time (the last, shorter one right-padded: a causal model
+    never looks ahead, so padding changes nothing) under ``torch.inference_mode``.
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {ids.numel()}")
+    max_len = getattr(getattr(model, "config", None), "max_len", None)
+    block_size = max_len if block_size is None else block_size
+    if block_size is None or block_size < 2 or (max_len is not None and block_size > max_len):
+        raise ValueError(f"block_size must be in [2, max_len={max_len}], got {block_size}")
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    device = _device_of(model)
+    windows = _windows(ids.numel(), block_size, stride)
+    total_nll, n_scored = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(windows), batch_size):
+                group = windows[i : i + batch_size]
+                width = max(end - begin for begin, end, _ in group)
+                inputs = torch.zeros(len(group), width, dtype=torch.long)  # (b, width)
+                targets = torch.full((len(group), width - 1), -100, dtype=torch.long)
+                for row, (begin, end, first) in enumerate(group):
+                    inputs[row, : end - begin] = ids[begin:end]
+                    # logits at column t predict token begin + t + 1
+                    targets[row, first - begin - 1 : end - begin - 1] = ids[first:end]
+                out = model(inputs.to(device))
+                logits = getattr(out, "logits", out)[:, :-1]  # (b, width - 1, V)
+                scored = (targets != -100).to(device)  # only these positions pay for softmax
+                total_nll += F.cross_entropy(
+                    logits[scored].float(), targets.to(device)[scored], reduction="sum"
+                ).item()
+                n_scored += int(scored.sum())
+    finally:
+        model.train(was_training)
+    return float(torch.tensor(total_nll / n_scored).exp())
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: timing generation
+# ----------------------------------------------------------------------------------------------
+
+
+class Timing(NamedTuple):
+    """Median wall-clock seconds of ``repeats`` calls, every time, and the last call's result."""
+
+    seconds: float
+    times: list[float]
+    result: Any
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed (first-call allocations, lazy init), then time it
+    ``repeats`` times with ``time.perf_counter`` (synchronising CUDA) and take the median."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
+    for _ in range(warmup):
+        fn()
+    times, result = [], None
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), times, result)
+
+
+class GenerationTiming(NamedTuple):
+    """One timed generation setting.
+
+    seconds: median wall time of one ``generate`` call (prefill + all decoding steps).
+    tokens_per_s: generated tokens per second over the whole batch, ``B * n / seconds``.
+    tokens: (B, n) the generated ids (of the last timed call).
+    """
+
+    seconds: float
+    tokens_per_s: float
+    tokens: Tensor
+
+
+def time_generation(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    use_cache: bool = True,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> GenerationTiming:
+    """Time greedy ``labkit.generation.generate`` of exactly ``max_new_tokens`` per row.
+
+    ``min_new_tokens = max_new_tokens`` bans end-of-sequence, so every call does the same work.
+    input_ids: (B, T) prompts (left-padded with ``attention_mask``) or (T,) for one prompt.
+    """
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+
+    def run() -> Tensor:
+        out = generate(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+        )
+        return out.new_tokens
+
+    timing = time_call(run, repeats, warmup)
+    tokens = timing.result
+    return GenerationTiming(timing.seconds, tokens.numel() / timing.seconds, tokens)
+
+
+def kv_cache_speedup(
+    model: nn.Module,
+    input_ids: Tensor,
+    lengths: Sequence[int] = (8, 16, 32, 64),
+    repeats: int = 1,
+) -> pd.DataFrame:
+    """Greedy generation with and without the KV cache for each generated length.
+
+    Without a cache every step re-runs the whole sequence (quadratic in the length in total);
+    with one, each step runs one token against the cached keys/values. The tokens must be the
+    same: column ``identical`` says whether they were.
+
+    Columns: new_tokens, cached_s, uncached_s, speedup (uncached / cached), identical.
+    """
+    rows = []
+    for n in lengths:
+        cached = time_generation(model, input_ids, max_new_tokens=n, repeats=repeats)
+        uncached = time_generation(
+            model, input_ids, max_new_tokens=n, use_cache=False, repeats=repeats
+        )
+        rows.append(
+            {
+                "new_tokens": n,
+                "cached_s": cached.seconds,
+                "uncached_s": uncached.seconds,
+                "speedup": uncached.seconds / cached.seconds,
+                "identical": torch.equal(cached.tokens, uncached.tokens),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def throughput_vs_batch(
+    model: nn.Module,
+    input_ids: Tensor,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    max_new_tokens: int = 32,
+    repeats: int = 1,
+) -> pd.DataFrame:
+    """Generated tokens per second when one prompt (T,) or (1, T) is generated B times at once.
+
+    A decoding step is a few small matrix-vector products per layer, bound by reading the
+    weights from memory; a batch reads them once for B rows, so throughput grows with B until
+    compute becomes the limit.
+
+    Columns: batch, seconds, tokens_per_s, speedup (tokens/s relative to batch 1).
+    """
+    prompt = torch.as_tensor(input_ids).reshape(1, -1)  # (1, T)
+    rows = []
+    for batch in batch_sizes:
+        timing = time_generation(
+            model, prompt.repeat(batch, 1), max_new_tokens=max_new_tokens, repeats=repeats
+        )
+        rows.append(
+            {"batch": batch, "seconds": timing.seconds, "tokens_per_s": timing.tokens_per_s}
+        )
+    table = pd.DataFrame(rows)
+    table["speedup"] = table["tokens_per_s"] / table["tokens_per_s"].iloc[0]
+    return table
+
+
+def compare_precisions(
+    model: nn.Module,
+    input_ids: Tensor,
+    eval_ids: Tensor | Sequence[int],
+    *,
+    max_new_tokens: int = 32,
+    block_size: int | None = None,
+    stride: int | None = None,
+    repeats: int = 1,
+    precisions: Sequence[str] = ("fp32", "bf16", "int8"),
+) -> pd.DataFrame:
+    """float32 vs bfloat16 vs int8 weights: memory, greedy speed and perplexity.
+
+    input_ids: (T,) or (1, T) prompt for the speed test; eval_ids: (N,) held-out tokens for
+    ``perplexity(block_size, stride)``; precisions: some of "fp32", "bf16", "int8"
+    (``quantize_int8`` weight-only) and "int8-dynamic" (``mode="dynamic"``, CPU only).
+
+    Columns (one row per precision): weights_bytes (``model_size_bytes``), tokens_per_s,
+    perplexity, same_tokens (how many leading greedy tokens equal the first precision's).
+    """
+    convert: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "fp32": lambda m: copy.deepcopy(m).float().eval(),
+        "bf16": to_bf16,
+        "int8": quantize_int8,
+        "int8-dynamic": lambda m: quantize_int8(m, mode="dynamic"),
+    }
+    unknown = [name for name in precisions if name not in convert]
+    if unknown or not precisions:
+        raise ValueError(f"precisions must be some of {sorted(convert)}, got {list(precisions)}")
+    rows, reference = [], None
+    for name in precisions:
+        variant = convert[name](model)
+        timing = time_generation(variant, input_ids, max_new_tokens=max_new_tokens, repeats=repeats)
+        tokens = timing.tokens[0]
+        reference = tokens if reference is None else reference
+        differs = (tokens != reference).nonzero()
+        rows.append(
+            {
+                "precision": name,
+                "weights_bytes": model_size_bytes(variant),
+                "tokens_per_s": timing.tokens_per_s,
+                "perplexity": perplexity(variant, eval_ids, block_size, stride),
+                "same_tokens": int(differs[0, 0]) if len(differs) else len(tokens),
+            }
+        )
+    return pd.DataFrame(rows).set_index("precision")
+
+
+__all__ = [
+    "GenerationTiming",
+    "Int8Linear",
+    "MemoryEstimate",
+    "Timing",
+    "compare_precisions",
+    "dtype_bytes",
+    "kv_cache_speedup",
+    "memory_estimate",
+    "model_size_bytes",
+    "parameter_count",
+    "perplexity",
+    "quantize_int8",
+    "throughput_vs_batch",
+    "time_call",
+    "time_generation",
+    "to_bf16",
+]
