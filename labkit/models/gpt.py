@@ -306,6 +306,8 @@ class GPT(nn.Module):
                 )
             attention_mask = attention_mask.to(input_ids.device)
             mask = key_padding_mask(attention_mask, past + seq)
+            if bool(mask.all()):  # no padding: no mask, so attention takes its fast path
+                mask = None
         if positions is None:
             if attention_mask is not None:
                 positions = positions_from_mask(attention_mask, seq)  # (B, T)

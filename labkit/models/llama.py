@@ -313,6 +313,8 @@ class Llama(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = key_padding_mask(attention_mask.to(input_ids.device), past + seq)
+            if bool(mask.all()):  # no padding: no mask, so attention takes its fast path
+                mask = None
         if positions is None:
             positions = (
                 positions_from_mask(attention_mask.to(input_ids.device), seq)
