@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "build" / "nanogpt-char"))
     parser.add_argument("--max-iters", type=int, default=CharGPTSettings.max_iters)
     parser.add_argument("--eval-iters", type=int, default=200, help="batches per loss estimate")
+    parser.add_argument("--seed", type=int, default=CharGPTSettings.seed)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=PRECISIONS, default=None)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -57,6 +58,7 @@ def main() -> int:
         text=str(args.text),
         max_iters=args.max_iters,
         eval_iters=args.eval_iters,
+        seed=args.seed,
         device=args.device,
         dtype=args.dtype,
         progress=args.progress,

@@ -25,8 +25,9 @@ optimizer, schedule, RNG), ``config.json`` (model config, settings, final figure
 ``tokenizer.json``.
 
 Differences from nanoGPT that remain: labkit's tokenizer adds 4 special tokens (never seen in
-training; sampling bans them), GELU uses the tanh approximation, embeddings are not weight-decayed
-(``labkit.train.param_groups``) and random windows are drawn without replacement within an epoch.
+training; sampling bans them), embeddings are not weight-decayed (``labkit.train.param_groups``)
+and random windows are drawn without replacement within an epoch. The MLP uses nanoGPT's exact
+GELU (the preset's ``activation="gelu"``).
 """
 
 from __future__ import annotations

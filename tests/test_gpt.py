@@ -70,6 +70,32 @@ def test_from_hf_matches_transformers(gpt2_pair):
     assert (ours.hidden - theirs.hidden_states[-1]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("hf_name, ours", [("gelu_new", "gelu_tanh"), ("gelu", "gelu")])
+def test_from_hf_keeps_the_gelu_variant(hf_name, ours):
+    """Exact and tanh GELU differ by up to ~1e-3 per unit: the mapped model must use the same."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        vocab_size=VOCAB,
+        n_positions=MAX_LEN,
+        activation_function=hf_name,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf = GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0.0, 0.5)  # large pre-activations, where the two GELUs part
+        model = GPT.from_hf(hf)
+        ids = torch.randint(0, VOCAB, (2, 12))
+        diff = (model(ids).logits - hf(ids).logits).abs().max()
+    assert model.config.activation == ours
+    assert diff <= 1e-4
+
+
 def test_from_hf_matches_transformers_with_left_padding(gpt2_pair):
     model, hf = gpt2_pair
     ids, mask = left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]])
@@ -231,7 +257,15 @@ def test_presets():
     assert {name: getattr(tiny, name) for name in expected} == expected
     assert tiny.is_encoder_decoder is False
     char = GPT.from_preset("nanogpt-char-cpu")
-    expected = dict(vocab_size=65, max_len=64, n_layers=4, n_heads=4, d_model=128, dropout=0.0)
+    expected = dict(
+        vocab_size=65,
+        max_len=64,
+        n_layers=4,
+        n_heads=4,
+        d_model=128,
+        dropout=0.0,
+        activation="gelu",
+    )  # nanoGPT's nn.GELU(), the exact form
     assert {name: getattr(char.config, name) for name in expected} == expected
     assert not any(name.endswith("bias") for name, _ in char.named_parameters())
     xl = GPTConfig.preset("xl")
@@ -240,6 +274,8 @@ def test_presets():
         GPTConfig.preset("huge")
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig.preset("tiny", n_layer=3)  # typo of n_layers
+    with pytest.raises(ValueError, match="activation must be one of .* got 'relu'"):
+        GPTConfig.preset("tiny", activation="relu")
     with pytest.raises(ValueError, match="d_model=64 must be divisible by n_heads=3"):
         GPTConfig.preset("tiny", n_heads=3)
     with pytest.raises(ValueError, match="bos_id=50256 is outside"):

@@ -7,7 +7,7 @@ The whole model, top to bottom (B batch, T new tokens, D ``d_model``, V ``vocab_
       -> dropout
       -> n_layers x EncoderLayer            pre-LN block, causal self-attention:
                                                 x = x + attn(norm1(x))   (masked: no peeking)
-                                                x = x + ffn(norm2(x))    (D -> 4D -> D, GELU-tanh)
+                                                x = x + ffn(norm2(x))    (D -> 4D -> D, GELU)
       -> norm (final LayerNorm)                                                       (B, T, D)
       -> lm_head                            Linear D -> V, sharing wte's matrix     (B, T, V)
 
@@ -67,6 +67,8 @@ class GPTConfig:
     bias: biases in every Linear and LayerNorm (GPT-2: True; nanoGPT trains without).
     eps: LayerNorm epsilon.
     tie_weights: the LM head reuses the token embedding matrix (GPT-2 does).
+    activation: the MLP's GELU: ``"gelu_tanh"``, GPT-2's tanh approximation, or ``"gelu"``,
+        the exact erf form (nanoGPT's ``nn.GELU()``).
     bos_id, eos_id, pad_id: special token ids, or None (GPT-2 has no pad token).
     """
 
@@ -80,6 +82,7 @@ class GPTConfig:
     bias: bool = True
     eps: float = 1e-5
     tie_weights: bool = True
+    activation: str = "gelu_tanh"
     bos_id: int | None = GPT2_EOS
     eos_id: int | None = GPT2_EOS
     pad_id: int | None = None
@@ -95,6 +98,10 @@ class GPTConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in GPT_ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {GPT_ACTIVATIONS}, got {self.activation!r}"
+            )
         for name in ("bos_id", "eos_id", "pad_id"):
             token = getattr(self, name)
             if token is not None and not 0 <= token < self.vocab_size:
@@ -126,9 +133,10 @@ class GPTConfig:
         """The config of a Hugging Face ``GPT2Config``; ValueError for variants GPT cannot run."""
         if hf_config.model_type != "gpt2":
             raise ValueError(f"expected a GPT-2 config, got model_type={hf_config.model_type!r}")
-        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        activation = _HF_ACTIVATIONS.get(hf_config.activation_function)
+        if activation is None:
             raise ValueError(
-                "GPT uses the tanh approximation of GELU ('gelu_new'), got "
+                f"GPT runs the activations {sorted(_HF_ACTIVATIONS)} (GELU, exact or tanh), got "
                 f"activation_function={hf_config.activation_function!r}"
             )
         if not hf_config.scale_attn_weights or hf_config.scale_attn_by_inverse_layer_idx:
@@ -147,11 +155,16 @@ class GPTConfig:
             dropout=hf_config.resid_pdrop,  # embd_pdrop, attn_pdrop: equal in GPT-2's releases
             eps=hf_config.layer_norm_epsilon,
             tie_weights=hf_config.tie_word_embeddings,
+            activation=activation,
             bos_id=hf_config.bos_token_id,
             eos_id=hf_config.eos_token_id,
             pad_id=hf_config.pad_token_id,
         )
 
+
+GPT_ACTIVATIONS = ("gelu_tanh", "gelu")
+# Hugging Face's GPT-2 activation names -> GPTConfig.activation
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 _NO_SPECIAL_TOKENS = dict(bos_id=None, eos_id=None, pad_id=None)
 
@@ -161,7 +174,8 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=256, max_len=128, n_layers=2, n_heads=2, d_model=64, **_NO_SPECIAL_TOKENS
     ),
     # nanoGPT's config/train_shakespeare_char.py with its "on a MacBook / CPU" settings
-    # (block_size 64, 4 layers, 4 heads, 128 wide, dropout 0.0, no biases: train.py's default).
+    # (block_size 64, 4 layers, 4 heads, 128 wide, dropout 0.0, no biases: train.py's default;
+    # exact GELU: nanoGPT's MLP uses nn.GELU()).
     "nanogpt-char-cpu": dict(
         vocab_size=65,
         max_len=64,
@@ -169,6 +183,7 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
         n_heads=4,
         d_model=128,
         bias=False,
+        activation="gelu",
         **_NO_SPECIAL_TOKENS,
     ),
     # The four published GPT-2 sizes (vocab 50257, 1024 positions).
@@ -203,7 +218,7 @@ class GPT(nn.Module):
                 c.n_heads,
                 c.d_ff,
                 dropout=c.dropout,
-                activation="gelu_tanh",
+                activation=c.activation,
                 norm_first=True,
                 eps=c.eps,
                 bias=c.bias,
