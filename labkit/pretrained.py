@@ -20,9 +20,12 @@ within seconds with ``PretrainedUnavailableError`` instead of hanging.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,6 +91,29 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No progress bars from ``transformers`` while loading.
+
+    In a notebook a tqdm bar is an ipywidget, which the static book shows as a dead widget.
+    ``transformers``' own bars obey ``disable_progress_bar``; its GGUF dequantizer calls
+    ``tqdm.auto.tqdm`` directly, so that name is swapped for a disabled bar meanwhile.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    original = gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_minilm(reference: bool = False) -> Pretrained:
     """all-MiniLM-L6-v2 (6 layers, 384 wide, 12 heads) in ``labkit.models.BertEncoder``."""
     from transformers import AutoTokenizer, BertModel
@@ -95,9 +121,10 @@ def load_minilm(reference: bool = False) -> Pretrained:
     from labkit.models.bert import BertEncoder
 
     folder = minilm_dir()
-    hf = BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    with quiet_progress():
+        hf = BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     model = BertEncoder.from_hf(hf).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     return Pretrained(model, tokenizer, hf if reference else None)
 
 
@@ -112,9 +139,10 @@ def load_smollm2(reference: bool = False) -> Pretrained:
     from labkit.models.llama import Llama
 
     gguf = smollm2_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    with quiet_progress():
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = Llama.from_hf(hf).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return Pretrained(model, tokenizer, hf if reference else None)
 
 
