@@ -1,0 +1,840 @@
+"""Pictures of attention (and of training) that survive a static book.
+
+Heatmaps
+    ``attention_heatmap(weights, tokens_q, tokens_k)`` draws one (q, k) weight matrix: a
+    matplotlib ``Figure`` by default, a plotly ``Figure`` with ``interactive=True`` (hovering a
+    cell shows the query token, the key token and the weight). Query and key axes are separate,
+    so a cross-attention map (decoder rows, encoder columns) needs nothing special.
+    ``compare_heatmaps({"trained": a, "untrained": b}, tokens)`` puts maps side by side on one
+    shared colour scale; ``difference=True`` adds ``A - B`` on a diverging scale centred at 0.
+    Colour maps are colour-blind safe: viridis / cividis for weights, RdBu for differences.
+
+Head summaries
+    ``head_entropy`` and ``mean_attention_distance`` reduce weights (..., q, k) to one number
+    per head; ``head_summary`` tabulates both for every layer and head and
+    ``head_summary_figure`` draws them as two layer x head heatmaps. ``attention_rollout``
+    multiplies the head-averaged, residual-corrected maps of all layers (Abnar & Zuidema, 2020).
+
+Training
+    ``plot_training_curves(history)`` (a ``Trainer.history`` DataFrame, a dict of lists or a
+    list of records) and ``confusion_matrix_figure(y_true, y_pred, labels)``.
+
+Plotly in the book
+    Notebooks display plotly figures ONLY through ``show_plotly(fig, div_id)``: it emits
+    ``fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
+    div_id=div_id)``. The book serves plotly.js once; with plotly >= 6 the default renderer's
+    JSON output is silently dropped by myst-nb, and a fixed ``div_id`` keeps the page
+    deterministic.
+
+The attention explorer (every layer and head, in a notebook and in the static book) is
+``labkit.explorer.AttentionExplorer``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+__all__ = [
+    "attention_heatmap",
+    "attention_rollout",
+    "compare_heatmaps",
+    "confusion_matrix_figure",
+    "head_entropy",
+    "head_summary",
+    "head_summary_figure",
+    "mean_attention_distance",
+    "plot_training_curves",
+    "plotly_html",
+    "show_plotly",
+]
+
+DIV_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+PLOTLY_SCALES = {  # matplotlib name -> plotly name (both colour-blind safe)
+    "viridis": "Viridis", "cividis": "Cividis", "magma": "Magma", "inferno": "Inferno",
+    "plasma": "Plasma", "rdbu": "RdBu", "rdbu_r": "RdBu_r", "coolwarm": "RdBu_r",
+    "bwr": "RdBu_r", "blues": "Blues", "greys": "Greys",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_numpy(weights: Any, name: str = "weights") -> np.ndarray:
+    """Tensor / array / nested list -> float64 numpy array (detached, on the CPU)."""
+    if isinstance(weights, Tensor):
+        weights = weights.detach().float().cpu().numpy()
+    try:
+        arr = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a numeric array or tensor, got {type(weights)}") from err
+    return arr
+
+
+def _matrix(
+    weights: Any,
+    tokens_q: Sequence[str] | None,
+    tokens_k: Sequence[str] | None,
+    name: str = "weights",
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Check a (q, k) map against its token lists; tokens default to positions."""
+    w = _to_numpy(weights, name)
+    if w.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D (queries, keys) matrix, got shape {tuple(w.shape)}; select "
+            "one layer, example and head first, e.g. attentions[layer][0, head]"
+        )
+    q, k = w.shape
+    tq = [str(t) for t in tokens_q] if tokens_q is not None else [str(i) for i in range(q)]
+    tk = [str(t) for t in tokens_k] if tokens_k is not None else tq
+    if tokens_k is None and tokens_q is None:
+        tk = [str(i) for i in range(k)]
+    if len(tq) != q or len(tk) != k:
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)} = (queries, keys) but got {len(tq)} query "
+            f"tokens and {len(tk)} key tokens"
+        )
+    return w, tq, tk
+
+
+def _check_div_id(div_id: str) -> str:
+    if not isinstance(div_id, str) or not DIV_ID.match(div_id):
+        raise ValueError(
+            f"div_id must be a fixed id of letters, digits, '-' and '_' starting with a letter, "
+            f"got {div_id!r}"
+        )
+    return div_id
+
+
+def _plotly_scale(cmap: str) -> str:
+    return PLOTLY_SCALES.get(str(cmap).lower(), cmap)
+
+
+def _stack_layers(attentions: Any, batch_index: int = 0, name: str = "attentions") -> np.ndarray:
+    """A model's per-layer weights -> (L, H, q, k) numpy for one example.
+
+    Accepts a list of L tensors (B, H, q, k) or (H, q, k), or one array (L, H, q, k) or
+    (L, B, H, q, k).
+    """
+    if isinstance(attentions, (list, tuple)):
+        if not attentions:
+            raise ValueError(f"{name} is empty: run the model with need_weights=True")
+        layers = []
+        for i, a in enumerate(attentions):
+            if a is None:
+                raise ValueError(
+                    f"{name}[{i}] is None: run the model with need_weights=True to get weights"
+                )
+            arr = _to_numpy(a, f"{name}[{i}]")
+            if arr.ndim == 4:
+                if not 0 <= batch_index < arr.shape[0]:
+                    raise ValueError(
+                        f"batch_index {batch_index} out of range for {name}[{i}] of shape "
+                        f"{tuple(arr.shape)}"
+                    )
+                arr = arr[batch_index]
+            if arr.ndim != 3:
+                raise ValueError(
+                    f"{name}[{i}] must be (B, H, q, k) or (H, q, k), got shape {tuple(arr.shape)}"
+                )
+            layers.append(arr)
+        shapes = {a.shape for a in layers}
+        if len(shapes) != 1:
+            raise ValueError(f"every layer of {name} must have one shape, got {sorted(shapes)}")
+        return np.stack(layers)
+    arr = _to_numpy(attentions, name)
+    if arr.ndim == 5:
+        arr = arr[:, batch_index]
+    if arr.ndim != 4:
+        raise ValueError(
+            f"{name} must be a list of (B, H, q, k) tensors or an (L, H, q, k) array, got shape "
+            f"{tuple(arr.shape)}"
+        )
+    return arr
+
+
+def _real_positions(attention_mask: Any, batch_index: int, length: int) -> np.ndarray | None:
+    if attention_mask is None:
+        return None
+    mask = _to_numpy(attention_mask, "attention_mask")
+    if mask.ndim == 2:
+        mask = mask[batch_index]
+    if mask.ndim != 1 or mask.shape[0] != length:
+        raise ValueError(
+            f"attention_mask must be (B, T) or (T,) with T = {length}, got shape "
+            f"{tuple(_to_numpy(attention_mask).shape)}"
+        )
+    return np.flatnonzero(mask > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps
+# ---------------------------------------------------------------------------------------------
+
+
+def _tick_step(n: int, max_labels: int = 60) -> int:
+    return max(1, math.ceil(n / max_labels))
+
+
+def attention_heatmap(
+    weights: Any,
+    tokens_q: Sequence[str] | None,
+    tokens_k: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    ax: Any = None,
+    interactive: bool = False,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "viridis",
+    div_id: str | None = None,
+    colorbar: bool = True,
+    xlabel: str = "key token (attended to)",
+    ylabel: str = "query token (attending)",
+):
+    """Draw one attention map, rows = queries, columns = keys.
+
+    Args:
+        weights: (q, k) array or tensor, e.g. ``out.attentions[layer][0, head]``.
+        tokens_q: q query labels; ``tokens_k`` (k key labels) defaults to ``tokens_q``. Pass
+            both for cross-attention. None labels the axes by position.
+        ax: draw into this matplotlib Axes (static only).
+        interactive: return a plotly ``Figure`` (hover: query token, key token, weight);
+            display it with ``show_plotly(fig, div_id)``.
+        vmin, vmax: colour limits (default 0 and the largest weight).
+        div_id: remembered on the plotly figure (``layout.meta``) for ``show_plotly``.
+
+    Returns:
+        a matplotlib ``Figure`` (static) or a plotly ``Figure`` (interactive).
+    """
+    w, tq, tk = _matrix(weights, tokens_q, tokens_k)
+    vmin = 0.0 if vmin is None else float(vmin)
+    vmax = float(max(w.max(initial=0.0), vmin + 1e-9)) if vmax is None else float(vmax)
+    if interactive:
+        import plotly.graph_objects as go
+
+        q, k = w.shape
+        custom = np.empty((q, k, 2), dtype=object)
+        for i in range(q):
+            for j in range(k):
+                custom[i, j] = (tq[i], tk[j])
+        fig = go.Figure(go.Heatmap(
+            z=w, x=list(range(k)), y=list(range(q)), customdata=custom, zmin=vmin, zmax=vmax,
+            colorscale=_plotly_scale(cmap), colorbar=dict(title="weight"),
+            hovertemplate="query %{y}: %{customdata[0]}<br>key %{x}: %{customdata[1]}"
+                          "<br>weight: %{z:.3f}<extra></extra>",
+        ))  # fmt: skip
+        # numeric axes with token tick labels: repeated tokens must stay separate rows/columns
+        fig.update_xaxes(
+            tickmode="array",
+            tickvals=list(range(k)),
+            ticktext=tk,
+            title=xlabel,
+            tickangle=-60,
+            side="bottom",
+        )
+        fig.update_yaxes(
+            tickmode="array",
+            tickvals=list(range(q)),
+            ticktext=tq,
+            title=ylabel,
+            autorange="reversed",
+        )
+        fig.update_layout(
+            title=title,
+            width=max(420, 60 + 22 * k),
+            height=max(360, 140 + 20 * q),
+            margin=dict(l=90, r=20, t=60, b=90),
+        )
+        if div_id is not None:
+            fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
+        return fig
+
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        q, k = w.shape
+        fig, ax = plt.subplots(
+            figsize=(min(14, 2.5 + 0.32 * k), min(12, 2.0 + 0.3 * q)), constrained_layout=True
+        )
+    fig = ax.figure
+    image = ax.imshow(w, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    sq, sk = _tick_step(len(tq)), _tick_step(len(tk))
+    ax.set_xticks(range(0, len(tk), sk), tk[::sk], rotation=90, fontsize=8)
+    ax.set_yticks(range(0, len(tq), sq), tq[::sq], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if colorbar:
+        fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
+    return fig
+
+
+def compare_heatmaps(
+    maps: Mapping[str, Any],
+    tokens_q: Sequence[str] | None,
+    tokens_k: Sequence[str] | None = None,
+    *,
+    difference: bool = False,
+    title: str | None = None,
+    interactive: bool = False,
+    cmap: str = "viridis",
+    diff_cmap: str = "RdBu_r",
+    vmax: float | None = None,
+    div_id: str | None = None,
+):
+    """Maps side by side on ONE colour scale, e.g. ``{"trained": a, "untrained": b}``.
+
+    Every map is (q, k) with the same tokens. ``difference=True`` (exactly two maps) adds a
+    panel ``A - B`` on a diverging colour map centred at 0 (red: A larger, blue: B larger).
+    Returns a matplotlib ``Figure`` or, with ``interactive=True``, a plotly ``Figure``.
+    """
+    if not isinstance(maps, Mapping) or not maps:
+        raise ValueError("maps must be a non-empty dict {name: (q, k) weights}")
+    checked = {}
+    for name, weights in maps.items():
+        w, tq, tk = _matrix(weights, tokens_q, tokens_k, name=f"maps[{name!r}]")
+        checked[str(name)] = w
+    shapes = {w.shape for w in checked.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"all maps must have one shape, got {sorted(shapes)}")
+    names = list(checked)
+    panels = [(n, checked[n]) for n in names]
+    if difference:
+        if len(names) != 2:
+            raise ValueError(f"difference=True needs exactly two maps, got {len(names)}: {names}")
+        panels.append((f"{names[0]} - {names[1]}", checked[names[0]] - checked[names[1]]))
+    top = float(max(w.max(initial=0.0) for w in checked.values())) if vmax is None else vmax
+    top = max(top, 1e-9)
+    diff_lim = max(float(np.abs(panels[-1][1]).max(initial=0.0)), 1e-9) if difference else 1.0
+
+    if interactive:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        q, k = next(iter(shapes))
+        fig = make_subplots(
+            rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels], horizontal_spacing=0.08
+        )
+        for c, (name, w) in enumerate(panels, start=1):
+            is_diff = difference and c == len(panels)
+            custom = np.empty((q, k, 2), dtype=object)
+            for i in range(q):
+                for j in range(k):
+                    custom[i, j] = (tq[i], tk[j])
+            fig.add_trace(go.Heatmap(
+                z=w, x=list(range(k)), y=list(range(q)), customdata=custom,
+                coloraxis="coloraxis2" if is_diff else "coloraxis", name=name,
+                hovertemplate=f"{html.escape(name)}<br>query %{{y}}: %{{customdata[0]}}<br>"
+                              "key %{x}: %{customdata[1]}<br>weight: %{z:.3f}<extra></extra>",
+            ), row=1, col=c)  # fmt: skip
+            fig.update_xaxes(
+                tickmode="array",
+                tickvals=list(range(k)),
+                ticktext=tk,
+                tickangle=-60,
+                title="key token",
+                row=1,
+                col=c,
+            )
+            fig.update_yaxes(
+                tickmode="array",
+                tickvals=list(range(q)),
+                ticktext=tq,
+                autorange="reversed",
+                row=1,
+                col=c,
+            )
+        fig.update_yaxes(title="query token", row=1, col=1)
+        layout = dict(
+            title=title, width=max(500, len(panels) * (80 + 18 * k)), height=max(380, 160 + 18 * q),
+            coloraxis=dict(colorscale=_plotly_scale(cmap), cmin=0, cmax=top,
+                           colorbar=dict(title="weight", x=1.02)),
+        )  # fmt: skip
+        if difference:
+            layout["coloraxis2"] = dict(
+                colorscale=_plotly_scale(diff_cmap),
+                cmin=-diff_lim,
+                cmax=diff_lim,
+                colorbar=dict(title="A - B", x=1.12),
+            )
+        fig.update_layout(**layout)
+        if div_id is not None:
+            fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
+        return fig
+
+    import matplotlib.pyplot as plt
+
+    q, k = next(iter(shapes))
+    width = min(6.0, 1.8 + 0.3 * k)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(width * len(panels), min(10, 2.2 + 0.3 * q)),
+        constrained_layout=True,
+        squeeze=False,
+    )
+    axes = axes[0]
+    first_image = None
+    for c, (name, w) in enumerate(panels):
+        is_diff = difference and c == len(panels) - 1
+        if is_diff:
+            attention_heatmap(
+                w,
+                tq,
+                tk,
+                ax=axes[c],
+                vmin=-diff_lim,
+                vmax=diff_lim,
+                cmap=diff_cmap,
+                title=name,
+                colorbar=False,
+            )
+            fig.colorbar(axes[c].images[0], ax=axes[c], shrink=0.8, label="difference A - B")
+        else:
+            attention_heatmap(
+                w, tq, tk, ax=axes[c], vmin=0, vmax=top, cmap=cmap, title=name, colorbar=False
+            )
+            first_image = axes[c].images[0]
+        if c:
+            axes[c].set_ylabel("")
+    n_maps = len(names)
+    fig.colorbar(first_image, ax=list(axes[:n_maps]), shrink=0.8, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plotly_html(fig: Any, div_id: str | None = None) -> str:
+    """The HTML fragment ``show_plotly`` displays (no plotly.js, no MathJax, fixed div id)."""
+    if div_id is None:
+        meta = fig.layout.meta
+        div_id = meta.get("labkit_div_id") if isinstance(meta, dict) else None
+        if div_id is None:
+            raise ValueError("show_plotly needs a fixed div_id, e.g. show_plotly(fig, 'nb11-map')")
+    return fig.to_html(
+        full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=_check_div_id(div_id)
+    )
+
+
+def show_plotly(fig: Any, div_id: str | None = None):
+    """Display a plotly figure in a way that survives the static book.
+
+    Returns an ``IPython.display.HTML`` of ``fig.to_html(full_html=False,
+    include_plotlyjs=False, include_mathjax=False, div_id=div_id)``: the book serves plotly.js
+    once per page, and the fixed ``div_id`` (unique in the book) keeps builds deterministic.
+    Use it as a cell's last expression (or pass it to ``display``).
+    """
+    from IPython.display import HTML
+
+    return HTML(plotly_html(fig, div_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Head summaries
+# ---------------------------------------------------------------------------------------------
+
+
+def _query_rows(w: np.ndarray, query_mask: Any) -> np.ndarray | None:
+    if query_mask is None:
+        return None
+    m = _to_numpy(query_mask, "query_mask").astype(bool)
+    if m.shape != (w.shape[-2],):
+        raise ValueError(
+            f"query_mask must be ({w.shape[-2]},) for weights of shape {tuple(w.shape)}, got "
+            f"{tuple(m.shape)}"
+        )
+    return m
+
+
+def head_entropy(weights: Any, *, query_mask: Any = None) -> np.ndarray:
+    """Mean entropy (nats) of each query's attention distribution.
+
+    weights: (..., q, k), e.g. (H, q, k) -> (H,), or (L, H, q, k) -> (L, H). Uniform
+    attention over k keys gives log(k); attending to one key gives 0. ``query_mask`` (q,)
+    keeps only the True query rows (e.g. real tokens of a padded batch).
+    """
+    w = _to_numpy(weights)
+    if w.ndim < 2:
+        raise ValueError(f"weights must be (..., q, k), got shape {tuple(w.shape)}")
+    p = np.clip(w, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)  # (..., q)
+    rows = _query_rows(w, query_mask)
+    if rows is not None:
+        ent = ent[..., rows]
+    return ent.mean(-1)
+
+
+def mean_attention_distance(weights: Any, *, query_mask: Any = None) -> np.ndarray:
+    """Mean |query position - key position| under each query's weights, in tokens.
+
+    weights: (..., q, k) -> (...). With k > q (a KV cache: the q queries are the last q of k
+    positions) query i sits at position k - q + i. A previous-token head gives 1, a head that
+    attends to itself 0.
+    """
+    w = _to_numpy(weights)
+    if w.ndim < 2:
+        raise ValueError(f"weights must be (..., q, k), got shape {tuple(w.shape)}")
+    q, k = w.shape[-2:]
+    qpos = np.arange(q)[:, None] + max(k - q, 0)
+    dist = np.abs(qpos - np.arange(k)[None, :])  # (q, k)
+    per_query = (w * dist).sum(-1)  # (..., q)
+    rows = _query_rows(w, query_mask)
+    if rows is not None:
+        per_query = per_query[..., rows]
+    return per_query.mean(-1)
+
+
+def head_summary(attentions: Any, *, attention_mask: Any = None, batch_index: int = 0):
+    """A DataFrame with one row per (layer, head): ``entropy`` (nats) and ``distance`` (tokens).
+
+    attentions: a model's per-layer weights (list of (B, H, T, T)) or an (L, H, T, T) array;
+    ``attention_mask`` (B, T) restricts both axes to the real tokens of ``batch_index``.
+    """
+    import pandas as pd
+
+    stack = _stack_layers(attentions, batch_index)  # (L, H, q, k)
+    real = _real_positions(attention_mask, batch_index, stack.shape[-1])
+    if real is not None:
+        if stack.shape[-2] != stack.shape[-1]:
+            raise ValueError(f"attention_mask needs square maps, got {tuple(stack.shape)}")
+        stack = stack[..., real, :][..., real]
+    ent, dist = head_entropy(stack), mean_attention_distance(stack)  # (L, H)
+    layers, heads = np.meshgrid(np.arange(stack.shape[0]), np.arange(stack.shape[1]), indexing="ij")
+    return pd.DataFrame(
+        {
+            "layer": layers.ravel(),
+            "head": heads.ravel(),
+            "entropy": ent.ravel(),
+            "distance": dist.ravel(),
+        }
+    )
+
+
+def head_summary_figure(
+    attentions: Any,
+    *,
+    attention_mask: Any = None,
+    batch_index: int = 0,
+    title: str | None = None,
+    interactive: bool = False,
+    div_id: str | None = None,
+):
+    """Two layer x head heatmaps: mean entropy (nats) and mean attention distance (tokens).
+
+    Low entropy = a focused head; small distance = a local head. Returns a matplotlib or (with
+    ``interactive=True``) a plotly ``Figure``.
+    """
+    table = head_summary(attentions, attention_mask=attention_mask, batch_index=batch_index)
+    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
+    ent = table["entropy"].to_numpy().reshape(n_layers, n_heads)
+    dist = table["distance"].to_numpy().reshape(n_layers, n_heads)
+    title = title or "Per-head entropy and attention distance"
+    if interactive:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=["entropy (nats)", "distance (tokens)"])
+        for c, (z, scale, name, bar_x) in enumerate(
+            [(ent, "Viridis", "entropy", 0.44), (dist, "Cividis", "distance", 1.0)], start=1
+        ):
+            fig.add_trace(go.Heatmap(
+                z=z, colorscale=scale, colorbar=dict(x=bar_x, title=name),
+                hovertemplate=f"layer %{{y}}, head %{{x}}<br>{name}: %{{z:.3f}}<extra></extra>",
+            ), row=1, col=c)  # fmt: skip
+            fig.update_xaxes(title="head", dtick=1, row=1, col=c)
+            fig.update_yaxes(title="layer", dtick=1, autorange="reversed", row=1, col=c)
+        fig.update_layout(title=title, width=900, height=max(320, 120 + 22 * n_layers))
+        if div_id is not None:
+            fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
+        return fig
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(min(16, 4 + 0.9 * n_heads), min(12, 2 + 0.3 * n_layers)),
+        constrained_layout=True,
+    )
+    for ax, z, cmap, label in [
+        (axes[0], ent, "viridis", "mean entropy (nats)"),
+        (axes[1], dist, "cividis", "mean attention distance (tokens)"),
+    ]:
+        image = ax.imshow(z, cmap=cmap, aspect="auto", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(n_heads))
+        step = _tick_step(n_layers, 32)
+        ax.set_yticks(range(0, n_layers, step))
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title)
+    return fig
+
+
+def attention_rollout(
+    attentions: Any,
+    add_residual: bool = True,
+    *,
+    batch_index: int = 0,
+    attention_mask: Any = None,
+) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output draws on each input.
+
+    Each layer's heads are averaged; with ``add_residual`` the identity is mixed in
+    (0.5 A + 0.5 I, for the residual stream) and rows renormalised; the layers are multiplied
+    from the first to the last: ``R = A_L ... A_2 A_1``. Returns (T, T) whose rows sum to 1:
+    row i = how output position i mixes the input tokens. ``attention_mask`` (B, T) keeps
+    only the real tokens of ``batch_index``.
+    """
+    stack = _stack_layers(attentions, batch_index)  # (L, H, T, T)
+    if stack.shape[-1] != stack.shape[-2]:
+        raise ValueError(f"rollout needs square self-attention maps, got {tuple(stack.shape)}")
+    real = _real_positions(attention_mask, batch_index, stack.shape[-1])
+    if real is not None:
+        stack = stack[..., real, :][..., real]
+    t = stack.shape[-1]
+    rollout = np.eye(t)
+    for layer in stack:
+        a = layer.mean(0)  # (T, T) heads averaged
+        if add_residual:
+            a = 0.5 * a + 0.5 * np.eye(t)
+        a = a / np.clip(a.sum(-1, keepdims=True), 1e-12, None)
+        rollout = a @ rollout
+    return rollout
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves and confusion matrices
+# ---------------------------------------------------------------------------------------------
+
+
+def _history_frame(history: Any):
+    import pandas as pd
+
+    if isinstance(history, pd.DataFrame):
+        frame = history
+    elif isinstance(history, Mapping):
+        lengths = {k: len(v) for k, v in history.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"history columns must have one length, got {lengths}")
+        frame = pd.DataFrame(dict(history))
+    elif isinstance(history, Sequence) and history and isinstance(history[0], Mapping):
+        frame = pd.DataFrame(list(history))
+    else:
+        raise ValueError(
+            "history must be a DataFrame (Trainer.history), a dict of equal-length lists or a "
+            f"list of dicts, got {type(history).__name__}"
+        )
+    if frame.empty:
+        raise ValueError("history is empty")
+    return frame
+
+
+def plot_training_curves(
+    history: Any,
+    columns: Sequence[str] | None = None,
+    *,
+    x: str = "step",
+    title: str | None = None,
+    ax: Any = None,
+    logy: bool = False,
+    interactive: bool = False,
+    div_id: str | None = None,
+    ylabel: str | None = None,
+):
+    """Plot metrics of a training history against ``x`` (default the step).
+
+    history: ``Trainer.history`` (DataFrame), a dict of lists or a list of dicts. ``columns``
+    default to every column with "loss" in its name; NaNs (e.g. evaluation every n steps) are
+    skipped, sparse series are drawn with markers. With several histories to compare pass a
+    dict of frames as ``{"run name": history}``: each run's columns are prefixed by its name.
+    Returns a matplotlib ``Figure`` or, interactive, a plotly ``Figure``.
+    """
+    import pandas as pd
+
+    if (
+        isinstance(history, Mapping)
+        and history
+        and all(isinstance(v, pd.DataFrame) for v in history.values())
+    ):
+        frames = [(f"{name}: ", _history_frame(h)) for name, h in history.items()]
+    else:
+        frames = [("", _history_frame(history))]
+    series = []
+    for prefix, frame in frames:
+        if x not in frame:
+            frame = frame.reset_index(drop=True).rename_axis(x).reset_index()
+        cols = list(columns) if columns is not None else [c for c in frame if "loss" in str(c)]
+        if not cols:
+            raise ValueError(f"no columns to plot; pass columns=..., history has {list(frame)}")
+        missing = [c for c in cols if c not in frame]
+        if missing:
+            raise ValueError(f"columns {missing} not in history; it has {list(frame)}")
+        for c in cols:
+            points = frame[[x, c]].dropna()
+            series.append(
+                (
+                    f"{prefix}{c}",
+                    points[x].to_numpy(),
+                    points[c].to_numpy(),
+                    len(points) < len(frame),
+                )
+            )
+    if title is None:
+        name, _, ys, _ = series[0]
+        title = f"{name}: {ys[0]:.3g} -> {ys[-1]:.3g}" if len(ys) else name
+    ylabel = ylabel or ("loss (nats)" if all("loss" in s[0] for s in series) else "value")
+    if interactive:
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for name, xs, ys, sparse in series:
+            fig.add_trace(
+                go.Scatter(x=xs, y=ys, name=name, mode="lines+markers" if sparse else "lines")
+            )
+        fig.update_layout(
+            title=title,
+            xaxis_title=x,
+            yaxis_title=ylabel,
+            yaxis_type="log" if logy else None,
+            width=720,
+            height=420,
+        )
+        if div_id is not None:
+            fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
+        return fig
+
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    fig = ax.figure
+    for name, xs, ys, sparse in series:
+        ax.plot(xs, ys, marker="o" if sparse else None, markersize=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def confusion_matrix_figure(
+    y_true: Any,
+    y_pred: Any,
+    labels: Sequence[Any],
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+    ax: Any = None,
+    cmap: str = "cividis",
+    interactive: bool = False,
+    div_id: str | None = None,
+):
+    """Confusion matrix: rows = true class, columns = predicted class.
+
+    ``y_true``/``y_pred`` hold class indices 0..C-1 or values from ``labels`` (C names).
+    ``normalize`` colours each row by its share (recall per class) and writes counts and
+    shares in the cells. The default title states the accuracy. Returns a matplotlib or
+    plotly ``Figure``; the counts are in ``fig.labkit_counts`` (matplotlib) or
+    ``fig.layout.meta["counts"]`` (plotly).
+    """
+    labels = list(labels)
+    if not labels:
+        raise ValueError("labels must name at least one class")
+    yt, yp = list(np.asarray(_seq(y_true)).ravel()), list(np.asarray(_seq(y_pred)).ravel())
+    if len(yt) != len(yp):
+        raise ValueError(f"y_true has {len(yt)} entries but y_pred has {len(yp)}")
+
+    def index(v: Any) -> int:
+        if v in labels:
+            return labels.index(v)
+        if isinstance(v, (int, np.integer)) and 0 <= int(v) < len(labels):
+            return int(v)
+        raise ValueError(
+            f"label {v!r} is neither in labels {labels} nor an index below {len(labels)}"
+        )
+
+    n = len(labels)
+    counts = np.zeros((n, n), dtype=int)
+    for t, p in zip(yt, yp, strict=True):
+        counts[index(t), index(p)] += 1
+    shares = counts / np.clip(counts.sum(1, keepdims=True), 1, None)
+    accuracy = np.trace(counts) / max(1, counts.sum())
+    title = title or f"accuracy {accuracy:.1%} on {counts.sum()} examples"
+    z = shares if normalize else counts
+    names = [str(v) for v in labels]
+    text = [[f"{counts[i, j]}<br>{shares[i, j]:.0%}" for j in range(n)] for i in range(n)]
+    if interactive:
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Heatmap(
+            z=z, x=list(range(n)), y=list(range(n)), colorscale=_plotly_scale(cmap), text=text,
+            texttemplate="%{text}", zmin=0, zmax=1 if normalize else None,
+            hovertemplate="true %{y}, predicted %{x}<br>%{text}<extra></extra>",
+        ))  # fmt: skip
+        fig.update_xaxes(
+            tickmode="array", tickvals=list(range(n)), ticktext=names, title="predicted class"
+        )
+        fig.update_yaxes(
+            tickmode="array",
+            tickvals=list(range(n)),
+            ticktext=names,
+            title="true class",
+            autorange="reversed",
+        )
+        meta = {"counts": counts.tolist()}
+        if div_id is not None:
+            meta["labkit_div_id"] = _check_div_id(div_id)
+        fig.update_layout(
+            title=title, width=max(400, 120 + 60 * n), height=max(360, 120 + 50 * n), meta=meta
+        )
+        return fig
+
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(2.5 + 0.8 * n, 2.2 + 0.7 * n), constrained_layout=True)
+    fig = ax.figure
+    image = ax.imshow(z, cmap=cmap, vmin=0, vmax=1 if normalize else None)
+    bar_label = "share of the true class" if normalize else "count"
+    fig.colorbar(image, ax=ax, shrink=0.8, label=bar_label)
+    for i in range(n):
+        for j in range(n):
+            light = (z[i, j] / (z.max() or 1)) < 0.5
+            ax.text(
+                j,
+                i,
+                f"{counts[i, j]}\n{shares[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if light else "black",
+            )
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    fig.labkit_counts = counts
+    return fig
+
+
+def _seq(values: Any) -> Any:
+    if isinstance(values, Tensor):
+        return values.detach().cpu().numpy()
+    return list(values) if not isinstance(values, np.ndarray) else values
