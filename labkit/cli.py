@@ -1,6 +1,7 @@
 """The ``labkit`` command line: ``demo`` (a tour that checks itself), ``info``,
-``notebooks run`` (execute the course notebooks, full mode by default), ``train char-gpt``
-(nanoGPT's Shakespeare character model, see ``labkit.chargpt``) and ``sample`` (text from it)."""
+``notebooks run`` (execute the course notebooks, full mode by default), ``book build`` (render
+the course book, see ``labkit.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
+model, see ``labkit.chargpt``) and ``sample`` (text from it)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,33 @@ def _notebooks_run(args: argparse.Namespace) -> int:
             continue
         print(f"  {path.name:<40} {run.seconds:7.1f} s")
     return 1 if failed else 0
+
+
+def _book_build(args: argparse.Namespace) -> int:
+    from labkit.book import BookBuildError, build_book
+
+    try:
+        build_book(args.root, smoke=args.smoke, force=args.force, jobs=args.jobs)
+    except BookBuildError as err:
+        print(f"labkit: book build failed\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _book_readme(args: argparse.Namespace) -> int:
+    from labkit.book import update_readme
+
+    changed = update_readme(args.root)
+    print("README.md: contents table " + ("updated" if changed else "already up to date"))
+    return 0
+
+
+def _exercises(args: argparse.Namespace) -> int:
+    from labkit.exercises import write_starters
+
+    for path in write_starters(args.dir, args.out):
+        print(path)
+    return 0
 
 
 def _train_char_gpt(args: argparse.Namespace) -> int:
@@ -154,6 +182,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="build/notebooks", help="folder for executed copies")
     run.add_argument("names", nargs="*", help="notebooks to run, e.g. 01 or 02_multi_head")
     run.set_defaults(run=_notebooks_run, smoke=False)
+
+    book = commands.add_parser("book", help="build the course book (Jupyter Book)")
+    book_commands = book.add_subparsers(dest="book_command", required=True)
+    build = book_commands.add_parser(
+        "build",
+        help="execute the notebooks (reusing fresh executed copies) and render book/_build/html",
+    )
+    mode = build.add_mutually_exclusive_group()
+    mode.add_argument("--full", dest="smoke", action="store_false", help="full mode (default)")
+    mode.add_argument("--smoke", dest="smoke", action="store_true", help="smoke mode (fast)")
+    build.add_argument(
+        "--force", action="store_true", help="execute every notebook, even with a fresh copy"
+    )
+    build.add_argument(
+        "--jobs", type=int, default=1, help="notebooks executed at once (default: 1)"
+    )
+    build.add_argument("--root", default=".", help="the repository root (default: .)")
+    build.set_defaults(run=_book_build, smoke=False)
+    readme = book_commands.add_parser(
+        "readme", help="rewrite README.md's table of contents from the notebooks' titles"
+    )
+    readme.add_argument("--root", default=".", help="the repository root (default: .)")
+    readme.set_defaults(run=_book_readme)
+
+    exercises = commands.add_parser(
+        "exercises", help="write the exercise notebooks without their solutions (starters)"
+    )
+    exercises.add_argument("--out", required=True, help="folder for the starter notebooks")
+    exercises.add_argument(
+        "--dir", default="notebooks/exercises", help="exercise notebooks (default: %(default)s)"
+    )
+    exercises.set_defaults(run=_exercises)
 
     train = commands.add_parser("train", help="train a model from the command line")
     train_commands = train.add_subparsers(dest="train_command", required=True)

@@ -68,6 +68,26 @@ def test_notebooks_run_unknown_name_is_one_clear_line(tmp_path, capsys):
     assert "no notebook '07'" in err and "01_mode" in err
 
 
+def test_exercises_writes_starters_without_solutions(tmp_path, capsys):
+    import nbformat
+
+    source = Path(__file__).resolve().parents[1] / "notebooks" / "exercises"
+    assert main(["exercises", "--dir", str(source), "--out", str(tmp_path)]) == 0
+    written = sorted(tmp_path.glob("ex_*.ipynb"))
+    assert [p.name for p in written] == sorted(p.name for p in source.glob("ex_*.ipynb"))
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    for path in written:
+        cells = nbformat.read(path, as_version=4).cells
+        assert not [c for c in cells if "solution" in c.metadata.get("tags", [])], path.name
+        assert [c for c in cells if "check" in c.metadata.get("tags", [])], path.name
+
+
+def test_exercises_into_their_own_folder_is_one_clear_line(capsys):
+    source = Path(__file__).resolve().parents[1] / "notebooks" / "exercises"
+    assert main(["exercises", "--dir", str(source), "--out", str(source)]) == 2
+    assert capsys.readouterr().err.startswith("labkit: error:")
+
+
 # ---------------------------------------------------------------------------------------------
 # labkit train char-gpt / labkit sample
 # ---------------------------------------------------------------------------------------------
