@@ -44,3 +44,20 @@ def minilm():
     from labkit.pretrained import load
 
     return load("minilm", reference=True)
+
+
+# The book is rendered from the notebooks' executed copies that tests/test_notebooks.py leaves in
+# build/executed/smoke/, so the `book` tests run after every other test and the `browser` tests
+# (which open the rendered book) after those. The sort is stable: the order within each group
+# stays as collected.
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def stage(item) -> int:
+        if item.get_closest_marker("browser"):
+            return 2
+        if item.get_closest_marker("book"):
+            return 1
+        return 0
+
+    items.sort(key=stage)

@@ -1,8 +1,11 @@
 """The course notebooks run, and follow the conventions of notebooks/README.md.
 
-Every ``notebooks/NN_topic.ipynb`` is executed with papermill in smoke mode (``SMOKE=True``,
-kernel ``python3``, working directory ``notebooks/``); a failing cell fails its test with the
-cell's source and traceback. Each notebook's wall time is printed in a table at the end of the
+Every ``notebooks/NN_topic.ipynb`` and every exercise notebook ``notebooks/exercises/ex_*.ipynb``
+is executed with papermill in smoke mode (``SMOKE=True``, kernel ``python3``, working directory
+the notebook's folder); a failing cell fails its test with the cell's source and traceback.
+The executed copy is kept in ``build/executed/smoke/`` (labkit.book.executed_path), where the
+book build (``tests/test_book.py``, run after these tests) reuses it instead of executing the
+notebook a second time. Each notebook's wall time is printed in a table at the end of the
 session (run without ``-n``: under pytest-xdist the table lives in the workers, but
 ``--durations`` still lists every notebook's time).
 
@@ -19,11 +22,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from labkit.book import EXERCISE_GLOB, executed_path
 from labkit.notebooks import NOTEBOOK_GLOB, NotebookError, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob(NOTEBOOK_GLOB))
+LESSONS = sorted(NOTEBOOK_DIR.glob(NOTEBOOK_GLOB))
+EXERCISES = sorted((NOTEBOOK_DIR / "exercises").glob(EXERCISE_GLOB))
+NOTEBOOKS = LESSONS + EXERCISES  # the exercise notebooks follow the same conventions
 CELL_TIMEOUT_S = 600
 
 params = pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -73,15 +79,16 @@ def notebook_times(pytestconfig) -> _NotebookTimes:
 
 def test_notebooks_are_found():
     """An empty glob must fail the suite, not silently skip every notebook test."""
-    assert NOTEBOOKS, f"no notebooks matching [0-9][0-9]_*.ipynb in {NOTEBOOK_DIR}"
+    assert LESSONS, f"no notebooks matching {NOTEBOOK_GLOB} in {NOTEBOOK_DIR}"
 
 
 @params
-def test_notebook_runs_in_smoke_mode(path: Path, tmp_path: Path, notebook_times, record_property):
+def test_notebook_runs_in_smoke_mode(path: Path, notebook_times, record_property):
     start = time.perf_counter()
     error = None
+    output = executed_path(path, smoke=True, root=ROOT)  # reused by the book build
     try:
-        run_notebook(path, tmp_path / path.name, smoke=True, cell_timeout_s=CELL_TIMEOUT_S)
+        run_notebook(path, output, smoke=True, cell_timeout_s=CELL_TIMEOUT_S)
     except NotebookError as err:
         error = err
     seconds = time.perf_counter() - start
