@@ -647,7 +647,7 @@ HUB_DATASETS = {"sst2": "stanfordnlp/sst2", "imdb": "stanfordnlp/imdb"}
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def _hub_unreachable(timeout: float) -> str | None:
+def hub_unreachable(timeout: float) -> str | None:
     """Why the Hub cannot be used right now, or None if a TCP connection to it opens.
 
     The probe runs in a daemon thread that we stop waiting for after ``timeout`` seconds:
@@ -691,7 +691,7 @@ def load_hub_dataset(name: str, *, timeout: float = 5.0) -> DatasetDict:
         raise ValueError(f"name must be one of {list(HUB_DATASETS)}, got {name!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    reason = _hub_unreachable(timeout)
+    reason = hub_unreachable(timeout)
     if reason is not None:
         raise ConnectionError(
             f"load_hub_dataset({name!r}) needs the Hugging Face Hub, which is unavailable: "
