@@ -554,7 +554,7 @@ def head_summary_figure(
             ), row=1, col=c)  # fmt: skip
             fig.update_xaxes(title="head", dtick=1, row=1, col=c)
             fig.update_yaxes(title="layer", dtick=1, autorange="reversed", row=1, col=c)
-        fig.update_layout(title=title, width=900, height=max(320, 120 + 22 * n_layers))
+        fig.update_layout(title=title, height=max(320, 120 + 22 * n_layers))  # width: the page's
         if div_id is not None:
             fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
         return fig
