@@ -30,6 +30,23 @@ def _seed() -> None:
 # to dequantize), each with its transformers reference model for equivalence checks.
 
 
+@pytest.fixture
+def close_figures():
+    """Closes every matplotlib figure a test opened (figure tests: viz, explorer)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A character tokenizer over a short text (letters, digits, punctuation of the tests)."""
+    from labkit.tokenizers import CharTokenizer
+
+    return CharTokenizer.from_corpus(["hello world, the cat sat on the mat. 0123456789-/"])
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``labkit.pretrained.Pretrained``: SmolLM2-135M-Instruct as labkit ``Llama`` + reference."""

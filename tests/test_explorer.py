@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,20 +21,11 @@ from labkit.models import (  # noqa: E402
     Llama,
     Transformer,
 )
-from labkit.tokenizers import CharTokenizer  # noqa: E402
 
 CDN = re.compile(r"cdn|unpkg|jsdelivr|cdnjs|require\.js|https?://(?!www\.w3\.org/2000/svg)", re.I)
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return CharTokenizer.from_corpus(["hello world, the cat sat on the mat. 0123456789-/"])
+pytestmark = pytest.mark.usefixtures("close_figures")
 
 
 def tiny_models(vocab):
