@@ -1,4 +1,8 @@
-"""The one training loop of the course: config, optimizer, schedule, AMP, checkpoints, history.
+"""The one training loop of the course: ``Trainer``, with AMP, accumulation, DDP, checkpoints.
+
+Its parts live in small modules, all importable from here: ``labkit.train_config`` (the
+settings, optimizer and schedule), ``labkit.losses`` (cross-entropy and metrics),
+``labkit.memory`` (activation checkpointing) and ``labkit.checkpoints`` (files and RNG state).
 
 Symbols: t = optimizer step (counted from 1), B = ``batch_size``, the examples behind one
 optimizer step summed over all processes and micro-batches; W = world size (processes);
@@ -35,32 +39,32 @@ run continues exactly as the uninterrupted one would have::
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
-import random
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
+from labkit.checkpoints import (
+    capture_rng_state,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_rng_state,
+)
 from labkit.device import get_device, seed_everything
 from labkit.distributed import (
     all_reduce_mean,
@@ -69,471 +73,43 @@ from labkit.distributed import (
     make_sampler,
     wrap_model,
 )
-from labkit.layers import DecoderLayer, EncoderLayer
-from labkit.schedules import constant_lr, cosine_lr, noam_lr
+from labkit.losses import IGNORE_INDEX, accuracy, cross_entropy_sum, output_logits, split_batch
+from labkit.memory import enable_activation_checkpointing, saved_activation_bytes
+from labkit.train_config import (
+    TrainConfig,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    schedule_lr,
+)
+
+# The training API in one import; each piece lives in the module named above.
+__all__ = [
+    "IGNORE_INDEX",
+    "HISTORY_COLUMNS",
+    "TrainConfig",
+    "Trainer",
+    "accuracy",
+    "checkpoint_path",
+    "cross_entropy_sum",
+    "enable_activation_checkpointing",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "make_optimizer",
+    "make_scheduler",
+    "output_logits",
+    "param_groups",
+    "plot_history",
+    "saved_activation_bytes",
+    "schedule_lr",
+    "split_batch",
+]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding, prompts)
-SCHEDULES = ("constant", "cosine", "noam")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-NONFINITE_POLICIES = ("raise", "skip")
 
 Batch = Any  # whatever the collate function returns: (inputs, targets), a dict, ...
 LossFn = Callable[[nn.Module, Batch], Tensor]
 MetricFn = Callable[[Tensor, Tensor], float]
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, name: str, requirement: str, value: object) -> None:
-    if not condition:
-        raise ValueError(f"TrainConfig.{name} must be {requirement}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run, checked when the config is made.
-
-    Frozen, so a checked config stays valid: derive variants with
-    ``dataclasses.replace(config, lr=1e-3)``, which checks again.
-
-    Optimisation
-        max_steps: optimizer steps to train for.
-        batch_size: B, examples per optimizer step over all processes and micro-batches.
-            Changing ``grad_accum_steps`` or the number of processes does not change the math.
-        lr: the peak learning rate; with ``schedule="noam"`` a dimensionless factor on
-            ``noam_lr`` instead (1.0 = the paper; the Annotated Transformer uses 1 or 2).
-        weight_decay: AdamW's decoupled decay, for weight matrices only (see ``param_groups``).
-        betas, eps: AdamW's moment decay rates and denominator guard (the paper: (0.9, 0.98), 1e-9).
-        schedule: ``"constant"``, ``"cosine"`` (warm-up, then cosine down to ``min_lr``) or
-            ``"noam"`` (needs ``d_model``); see ``labkit.schedules``.
-        warmup_steps, min_lr, d_model: the schedule's w, lr_min and model width.
-        grad_clip: clip the global gradient norm to this; None = no clipping (the norm is
-            still measured and recorded).
-        grad_accum_steps: k micro-batches per optimizer step; ``batch_size`` must divide by k.
-        label_smoothing: for the default cross-entropy loss (the paper: 0.1).
-        nonfinite: ``"raise"`` stops at a NaN/inf loss with an error naming the step;
-            ``"skip"`` leaves the weights unchanged for that step and records it as skipped.
-
-    Speed and memory
-        precision: ``"fp32"``; ``"bf16"`` (autocast, CPU and recent GPUs); ``"fp16"``
-            (autocast with a GradScaler, CUDA only); ``"auto"`` = bf16 on the CPU and GPUs
-            that support it, fp16 on older GPUs, fp32 elsewhere.
-        activation_checkpointing: recompute each EncoderLayer/DecoderLayer in backward
-            (see ``enable_activation_checkpointing``).
-        compile: run the training forward through ``torch.compile``.
-
-    Evaluation and checkpoints
-        eval_every: evaluate every so many steps (always after the last step when eval data
-            is given); eval_batches: micro-batches per evaluation and process (None = all).
-        early_stopping_patience: stop after this many evaluations without the eval loss
-            improving by more than ``min_delta``.
-        checkpoint_dir: where ``step_0000123.pt`` files go (written after the last step);
-            checkpoint_every: also every so many steps; keep_checkpoints: delete all but the
-            newest so many (None = keep all).
-
-    Run
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-        seed: seeds everything when the Trainer is made, and the data order.
-        shuffle: a new order of the training examples every epoch.
-        progress: show a tqdm progress bar (on rank 0).
-    """
-
-    max_steps: int = 1000
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    d_model: int | None = None
-    grad_clip: float | None = 1.0
-    grad_accum_steps: int = 1
-    label_smoothing: float = 0.0
-    nonfinite: str = "raise"
-    precision: str = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    eval_every: int | None = None
-    eval_batches: int | None = None
-    early_stopping_patience: int | None = None
-    min_delta: float = 0.0
-    checkpoint_dir: str | Path | None = None
-    checkpoint_every: int | None = None
-    keep_checkpoints: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    shuffle: bool = True
-    progress: bool = True
-
-    def _check(self, name: str, ok: bool, requirement: str) -> None:
-        if not ok:
-            raise ValueError(
-                f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}"
-            )
-
-    def __post_init__(self) -> None:
-        check = self._check
-        for name in ("max_steps", "batch_size", "grad_accum_steps"):
-            value = getattr(self, name)
-            check(name, _is_int(value) and value >= 1, "a positive int")
-        optional_counts = (
-            "d_model",
-            "eval_every",
-            "eval_batches",
-            "early_stopping_patience",
-            "checkpoint_every",
-            "keep_checkpoints",
-        )
-        for name in optional_counts:
-            value = getattr(self, name)
-            check(name, value is None or (_is_int(value) and value >= 1), "None or a positive int")
-        for name in ("warmup_steps", "seed"):
-            value = getattr(self, name)
-            check(name, _is_int(value) and value >= 0, "an int >= 0")
-        for name in ("activation_checkpointing", "compile", "shuffle", "progress"):
-            check(name, isinstance(getattr(self, name), bool), "True or False")
-        for name in ("weight_decay", "min_delta"):
-            value = getattr(self, name)
-            check(name, _is_number(value) and value >= 0, "a number >= 0")
-        check("lr", _is_number(self.lr) and self.lr > 0, "a number > 0")
-        check("eps", _is_number(self.eps) and self.eps > 0, "a number > 0")
-        check(
-            "min_lr",
-            _is_number(self.min_lr) and 0 <= self.min_lr <= self.lr,
-            f"a number in [0, lr={self.lr}]",
-        )
-        check(
-            "label_smoothing",
-            _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-            "a number in [0, 1)",
-        )
-        clip = self.grad_clip
-        check("grad_clip", clip is None or (_is_number(clip) and clip > 0), "None or a number > 0")
-        betas_ok = isinstance(self.betas, tuple | list) and len(self.betas) == 2
-        betas_ok = betas_ok and all(_is_number(b) and 0 <= b < 1 for b in self.betas)
-        check("betas", betas_ok, "two numbers in [0, 1)")
-        check("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
-        check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
-        check("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
-        check("device", isinstance(self.device, str), "a string such as 'auto', 'cpu', 'cuda'")
-        check(
-            "checkpoint_dir",
-            self.checkpoint_dir is None or isinstance(self.checkpoint_dir, str | Path),
-            "None or a path",
-        )
-        # Settings that only make sense together.
-        check(
-            "batch_size",
-            self.batch_size % self.grad_accum_steps == 0,
-            f"divisible by grad_accum_steps={self.grad_accum_steps}",
-        )
-        if self.schedule == "noam":
-            check("d_model", self.d_model is not None, "set (the model width) for schedule='noam'")
-            check("warmup_steps", self.warmup_steps >= 1, ">= 1 for schedule='noam'")
-        if self.schedule == "cosine":
-            check(
-                "warmup_steps",
-                self.warmup_steps <= self.max_steps,
-                f"<= max_steps={self.max_steps} for schedule='cosine'",
-            )
-        check(
-            "checkpoint_every",
-            self.checkpoint_every is None or self.checkpoint_dir is not None,
-            "None unless checkpoint_dir is set",
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning rate, optimizer
-# ---------------------------------------------------------------------------------------------
-
-
-def schedule_lr(step: int, config: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (from 1) under ``config``.
-
-    For ``"noam"`` it is ``config.lr * noam_lr(step, d_model, warmup)``: noam gives the rate
-    itself, so ``lr`` only scales it (1.0 = the paper). Plot a run's schedule before running it:
-    ``[schedule_lr(t, config) for t in range(1, config.max_steps + 1)]``.
-    """
-    if config.schedule == "noam":
-        return config.lr * noam_lr(step, config.d_model, config.warmup_steps)
-    if config.schedule == "cosine":
-        return cosine_lr(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr)
-    return constant_lr(step, config.lr, config.warmup_steps)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> LambdaLR:
-    """A ``LambdaLR`` that gives step t the rate ``schedule_lr(t, config)``.
-
-    ``LambdaLR`` sets lr = (the optimizer's lr when the scheduler was made) * f(e), where e
-    counts ``scheduler.step()`` calls from 0. Made on an optimizer with lr = ``config.lr``,
-    step t = e + 1 needs f(e) = schedule_lr(e + 1) / config.lr.
-    """
-    return LambdaLR(optimizer, lambda e: schedule_lr(e + 1, config) / config.lr)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight matrices decay; biases, norm gains and embeddings do not.
-
-    Decay pulls weights toward 0, which regularises the matrices that mix features but only
-    hurts parameters with dim < 2 (a bias or a LayerNorm gain is a per-feature offset or scale;
-    nanoGPT's rule) and embedding tables (a rare token's row would shrink every step it is
-    absent). A weight tied to an embedding counts as an embedding.
-    """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():  # each shared (tied) tensor once
-        if param.requires_grad:
-            if param.dim() < 2 or id(param) in embeddings:
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over ``param_groups``; the fused kernel on CUDA.
-
-    The fused implementation updates every parameter in one kernel launch instead of several
-    per tensor; it needs all parameters on the GPU.
-    """
-    groups = param_groups(model, config.weight_decay)
-    if not groups:
-        raise ValueError("model has no parameters with requires_grad=True to train")
-    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=tuple(config.betas),
-        eps=config.eps,
-        fused=True if on_cuda else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss and metrics
-# ---------------------------------------------------------------------------------------------
-
-
-def split_batch(batch: Batch) -> tuple[Any, Tensor]:
-    """``(inputs, targets)`` from a batch that is a pair or a dict with input_ids and labels.
-
-    These are the batches of a ``TensorDataset(x, y)`` and of ``labkit.data.to_lm_blocks``.
-    Anything else needs a ``loss_fn``.
-    """
-    if isinstance(batch, Mapping):
-        if "input_ids" in batch and "labels" in batch:
-            return batch["input_ids"], batch["labels"]
-        raise ValueError(
-            f"a dict batch needs 'input_ids' and 'labels', got keys {sorted(batch)}; "
-            "pass Trainer(..., loss_fn=...) for other batches"
-        )
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise ValueError(
-        f"a batch must be (inputs, targets) or a dict with 'input_ids' and 'labels', got "
-        f"{type(batch).__name__}; pass Trainer(..., loss_fn=...) for other batches"
-    )
-
-
-def output_logits(output: Any) -> Tensor:
-    """The logits a model returned: the tensor itself, or its ``logits`` field (labkit and
-    Hugging Face models return named outputs)."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        logits = output.get("logits")
-    else:
-        logits = getattr(output, "logits", None)
-    if not isinstance(logits, Tensor):
-        raise ValueError(
-            f"the model must return logits or an output with a .logits tensor, "
-            f"got {type(output).__name__}"
-        )
-    return logits
-
-
-def cross_entropy_sum(
-    logits: Tensor, targets: Tensor, label_smoothing: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the targets that count, and how many count.
-
-    logits: (B, T, V) with targets (B, T), or (B, C) with targets (B,); targets equal to
-    ``IGNORE_INDEX`` (-100) are skipped. Returns (sum, count), both 0-dim tensors. A sum, not a
-    mean, so that the caller can divide by the count of the whole global batch: then
-    micro-batches and processes add up exactly to one large batch. sum / count equals
-    ``F.cross_entropy(..., ignore_index=-100, label_smoothing=...)``.
-    """
-    if logits.dim() < 2 or logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not fit targets {tuple(targets.shape)}: expected "
-            "logits (B, T, V) with targets (B, T), or (B, C) with (B,)"
-        )
-    # Low-precision logits (autocast) are upcast: the log-softmax over V needs the range.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),  # (B*T, V)
-        targets.reshape(-1),  # (B*T,)
-        ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
-
-
-def accuracy(logits: Tensor, targets: Tensor) -> float:
-    """Fraction of targets (not -100) whose highest logit is the right class.
-
-    logits (..., V), targets (...); 0.0 when no target counts.
-    """
-    keep = targets != IGNORE_INDEX
-    correct = (logits.argmax(dim=-1) == targets) & keep
-    return correct.sum().item() / max(keep.sum().item(), 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Activation checkpointing
-# ---------------------------------------------------------------------------------------------
-
-
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # evaluation stores nothing anyway
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def enable_activation_checkpointing(
-    model: nn.Module, block_types: tuple[type[nn.Module], ...] = (EncoderLayer, DecoderLayer)
-) -> int:
-    """Recompute each block's activations in backward instead of storing them; returns the
-    number of blocks.
-
-    Without it, backward needs every intermediate of every block (attention scores, the
-    d_ff-wide feed-forward hidden, norms...), kept from the forward pass. With it, only each
-    block's inputs are kept and the block is re-run during backward, trading about one extra
-    forward pass for memory that no longer grows with the blocks' insides. Non-reentrant
-    ``torch.utils.checkpoint`` passes keyword arguments through and replays the RNG state, so
-    the dropout masks of the re-run match: the gradients are exactly the same.
-    Changes ``model`` in place (each block's ``forward``); calling it twice is harmless.
-    """
-    if not (
-        isinstance(block_types, tuple)
-        and block_types
-        and all(isinstance(t, type) and issubclass(t, nn.Module) for t in block_types)
-    ):
-        raise ValueError(f"block_types must be a tuple of nn.Module classes, got {block_types!r}")
-    blocks = [module for module in model.modules() if isinstance(module, block_types)]
-    for block in blocks:
-        if not getattr(block, "_activation_checkpointing", False):
-            block.forward = _checkpointed(block.forward)
-            block._activation_checkpointing = True
-    return len(blocks)
-
-
-def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``forward()`` runs.
-
-    Counts each storage once (views share one) and leaves out ``model``'s parameters, which
-    are needed either way. Under activation checkpointing (non-reentrant, torch's default) the
-    block inputs that the checkpoint keeps pass through the same hook, so they are counted too:
-    the figure is the whole saved-activation cost, one (B, T, D) input per checkpointed block.
-    """
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = forward()  # kept alive until counted, so no storage is freed and reused
-    total = sum(saved.values())
-    del output
-    return total
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint files and RNG state
-# ---------------------------------------------------------------------------------------------
-
-_CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
-
-
-def checkpoint_path(directory: str | Path, step: int) -> Path:
-    """Where the checkpoint after ``step`` goes: ``directory/step_0000123.pt``."""
-    return Path(directory) / f"step_{step:07d}.pt"
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """The checkpoints in ``directory``, oldest step first ([] if there are none)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.iterdir()
-        if (m := _CHECKPOINT_NAME.fullmatch(p.name))
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest checkpoint in ``directory``, or None.
-
-    Resume the latest run in a folder with ``fit(resume_from=latest_checkpoint(folder))``.
-    """
-    checkpoints = list_checkpoints(directory)
-    return checkpoints[-1] if checkpoints else None
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and every GPU) RNG states, as types ``torch.load`` reads
-    with ``weights_only=True``."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, keys.tolist(), position, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer
-# ---------------------------------------------------------------------------------------------
 
 
 def _check_dataset(name: str, data: object) -> None:
@@ -1023,7 +599,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": capture_rng_state(),
             "history": self._records,
             "best_eval_loss": self.best_eval_loss,
             "evals_without_improvement": self.evals_without_improvement,
@@ -1068,7 +644,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
         self.step, self.epoch, self.batches_seen = (
             state["step"],
             state["epoch"],
@@ -1080,11 +656,6 @@ class Trainer:
         self.evals_without_improvement = state["evals_without_improvement"]
         self.stopped_early = state["stopped_early"]
         self._elapsed = state["elapsed_s"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Plotting
-# ---------------------------------------------------------------------------------------------
 
 
 def plot_history(

@@ -331,7 +331,7 @@ def test_resume_needs_the_saved_rng_state(tmp_path, monkeypatch):
     train, held_out, cfg = _resume_setup(tmp_path / "full")
     full = Trainer(make_lm(dropout=0.2), cfg, train, held_out)
     full.fit()
-    monkeypatch.setattr(train_module, "_set_rng_state", lambda state: None)
+    monkeypatch.setattr(train_module, "restore_rng_state", lambda state: None)
     resumed = Trainer(
         make_lm(dropout=0.2), replace(cfg, checkpoint_dir=tmp_path / "b"), train, held_out
     )
