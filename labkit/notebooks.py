@@ -4,6 +4,9 @@ Every notebook has a cell tagged ``parameters`` (``SMOKE = False``, ``DEVICE = "
 ``SEED = 0``, ...); papermill injects new values after it. ``labkit notebooks run`` and the
 test suite both go through :func:`run_notebook`, so a failing cell is reported the same way
 everywhere: the notebook, the cell's source and its traceback, not a papermill stack dump.
+
+Every notebook calls :func:`smoke_banner` in the cell right after its ``parameters`` cell, so
+a page executed in smoke mode says so at the top, before any number it shows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,26 @@ from typing import Any
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebacks
+SMOKE_BANNER = "smoke mode: numbers below come from a tiny run"  # tests look for this text
+
+
+def smoke_banner(smoke: bool, seed: int | None = None) -> str:
+    """Print (and return) the line that tells a reader which mode made the numbers below.
+
+    In smoke mode (``SMOKE = True``, what CI runs) the line starts with :data:`SMOKE_BANNER`
+    and warns that tiny runs check the code, not the findings; in full mode it says the
+    numbers come from the full-size run. ``seed`` (the notebook's ``SEED``) is named in both.
+    """
+    seeded = "" if seed is None else f", SEED = {seed}"
+    if smoke:
+        line = (
+            f"{SMOKE_BANNER} (SMOKE = True{seeded}) that checks the code, not the findings; "
+            "the findings the text states need the full run (SMOKE = False)."
+        )
+    else:
+        line = f"full mode: numbers below come from the full-size run (SMOKE = False{seeded})."
+    print(line)
+    return line
 
 
 class NotebookError(RuntimeError):

@@ -9,9 +9,11 @@ notebook a second time. Each notebook's wall time is printed in a table at the e
 session (run without ``-n``: under pytest-xdist the table lives in the workers, but
 ``--durations`` still lists every notebook's time).
 
-The conventions checked on the stored (stripped) notebook: a ``parameters`` cell, a first cell
-that introduces the notebook, 2-4 exercises tagged as README's "Exercises" section describes,
-and no stored outputs.
+The conventions checked on the stored (stripped) notebook: a ``parameters`` cell followed by a
+cell that calls ``smoke_banner(SMOKE, ...)``, a first cell that introduces the notebook, 2-4
+exercises tagged as README's "Exercises" section describes, and no stored outputs. On the
+executed smoke copy: the banner "smoke mode: numbers below come from a tiny run" is printed
+right after the parameters, so a page built in smoke mode never passes for a full run.
 """
 
 import ast
@@ -23,7 +25,13 @@ import nbformat
 import pytest
 
 from labkit.book import EXERCISE_GLOB, executed_path
-from labkit.notebooks import NOTEBOOK_GLOB, NotebookError, run_notebook
+from labkit.notebooks import (
+    NOTEBOOK_GLOB,
+    SMOKE_BANNER,
+    NotebookError,
+    run_notebook,
+    smoke_banner,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -41,6 +49,18 @@ def _tags(cell) -> set[str]:
 
 def _read(path: Path):
     return nbformat.read(path, as_version=4)
+
+
+def _banner_cell(cells) -> int:
+    """Index of the cell after the ``parameters`` cell (and after papermill's injected one)."""
+    index = next(i for i, c in enumerate(cells) if "parameters" in _tags(c)) + 1
+    while index < len(cells) and "injected-parameters" in _tags(cells[index]):
+        index += 1
+    return index
+
+
+def _printed(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +116,20 @@ def test_notebook_runs_in_smoke_mode(path: Path, notebook_times, record_property
     record_property("wall_time_s", round(seconds, 2))
     if error is not None:  # the message holds the failing cell's source and traceback
         pytest.fail(str(error), pytrace=False)
+    cells = _read(output).cells
+    banner = cells[_banner_cell(cells)] if _banner_cell(cells) < len(cells) else {}
+    assert SMOKE_BANNER in _printed(banner), (
+        f"{path.name}: the executed smoke copy does not print {SMOKE_BANNER!r} in the cell "
+        f"after the parameters (it printed {_printed(banner)[:200]!r})"
+    )
+
+
+def test_smoke_banner_names_the_mode(capsys):
+    smoke = smoke_banner(True, seed=3)
+    full = smoke_banner(False, seed=3)
+    assert smoke.startswith(SMOKE_BANNER) and "SEED = 3" in smoke
+    assert SMOKE_BANNER not in full and full.startswith("full mode") and "SEED = 3" in full
+    assert capsys.readouterr().out == f"{smoke}\n{full}\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +155,17 @@ def test_parameters_cell(path: Path):
     smoke = assigned["SMOKE"]
     assert isinstance(smoke, ast.Constant) and smoke.value is False, (
         f"{path.name}: SMOKE must default to False (CI passes SMOKE=True)"
+    )
+
+
+@params
+def test_smoke_banner_follows_the_parameters(path: Path):
+    cells = _read(path).cells
+    index = _banner_cell(cells)
+    source = cells[index].source if index < len(cells) else ""
+    assert cells[index].cell_type == "code" and "smoke_banner(SMOKE" in source, (
+        f"{path.name}: the cell after the parameters cell must call smoke_banner(SMOKE, SEED) "
+        "(from labkit.notebooks), so a smoke-built page says so at the top"
     )
 
 
