@@ -55,6 +55,29 @@ class NotebookRun:
     seconds: float
 
 
+def kernel_metadata() -> dict[str, Any]:
+    """The notebook metadata JupyterLab writes for the installed ``python3`` kernel.
+
+    ``{"kernelspec": {...}, "language_info": {...}}`` exactly as JupyterLab 4 sets them when it
+    connects a notebook to ipykernel: the kernelspec's display name ("Python 3 (ipykernel)")
+    and the kernel's ``language_info`` (Python version included). A notebook that stores
+    these opens unmodified; one that stores anything else is rewritten on open and asks to be
+    saved on close. Raises ModuleNotFoundError without ipykernel.
+    """
+    from ipykernel.ipkernel import IPythonKernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    return {
+        "kernelspec": {
+            "display_name": spec.display_name,
+            "language": spec.language,
+            "name": "python3",
+        },
+        "language_info": dict(IPythonKernel.language_info),
+    }
+
+
 def find_notebooks(directory: str | Path, names: Iterable[str] = ()) -> list[Path]:
     """The course notebooks ``NN_topic.ipynb`` in ``directory``, in order.
 

@@ -29,6 +29,7 @@ from labkit.notebooks import (
     NOTEBOOK_GLOB,
     SMOKE_BANNER,
     NotebookError,
+    kernel_metadata,
     run_notebook,
     smoke_banner,
 )
@@ -225,3 +226,22 @@ def test_no_stored_outputs(path: Path):
         assert cell.get("execution_count") is None, (
             f"{path.name}: cell {index} has an execution count (strip with nbstripout)"
         )
+
+
+@params
+def test_kernel_metadata_matches_the_installed_kernel(path: Path):
+    """JupyterLab rewrites a notebook's kernelspec and language_info to the kernel's on open; a
+    notebook that stores anything else opens as modified and asks to be saved on close."""
+    stored = _read(path).metadata
+    expected = kernel_metadata()
+    assert stored.get("kernelspec") == expected["kernelspec"], (
+        f"{path.name}: kernelspec {stored.get('kernelspec')} is not the installed kernel's "
+        f"{expected['kernelspec']}"
+    )
+    info, want = dict(stored.get("language_info", {})), expected["language_info"]
+    # the patch release is the machine's: JupyterLab updates it on another Python 3.11.x
+    version, want_version = info.pop("version", ""), want.pop("version")
+    assert info == want, f"{path.name}: language_info {info} is not the kernel's {want}"
+    assert version.split(".")[:2] == want_version.split(".")[:2], (
+        f"{path.name}: written for Python {version!r}, the kernel runs {want_version}"
+    )
