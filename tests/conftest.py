@@ -56,6 +56,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's Hugging Face tokenizer alone, read from the packaged GGUF (a few seconds; no
+    model weights), as ``labkit.pretrained.load("smollm2-135m-instruct").tokenizer``."""
+    from transformers import AutoTokenizer
+
+    from labkit.pretrained import quiet_progress, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    with quiet_progress():
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """``labkit.pretrained.Pretrained``: all-MiniLM-L6-v2 as labkit ``BertEncoder`` + reference."""
     from labkit.pretrained import load
