@@ -312,6 +312,7 @@ def ensure_executed(
 # Staging: the executed notebooks as book pages
 # ----------------------------------------------------------------------------------------------
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"  # labkit.viz.PLOTLY_MIME
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -321,6 +322,9 @@ def prepare_for_book(notebook: dict[str, Any], *, smoke: bool) -> dict[str, Any]
     * widget state is dropped and widget views fall back to their ``text/html`` (labkit.explorer's
       explorer ships one); a widget with no HTML fallback (e.g. a tqdm bar) is dropped, so no
       page waits for a widget manager;
+    * plotly's JSON (``labkit.viz.show_plotly``'s output for live front ends) is dropped where the
+      output has its ``text/html``: the page draws that HTML with the plotly.js it serves
+      (myst-nb would otherwise warn about a MIME type it cannot render, failing the ``-W`` build);
     * papermill's ``injected-parameters`` cell is hidden (tag ``remove-cell``);
     * in smoke mode, a note under the title says so.
     """
@@ -337,6 +341,8 @@ def prepare_for_book(notebook: dict[str, Any], *, smoke: bool) -> dict[str, Any]
                 if "text/html" not in data:
                     continue
                 del data[WIDGET_VIEW]
+            if PLOTLY_MIME in data and "text/html" in data:
+                del data[PLOTLY_MIME]
             outputs.append(output)
         if "outputs" in cell:
             cell["outputs"] = outputs

@@ -54,6 +54,18 @@ def _notebooks_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _notebooks_export(args: argparse.Namespace) -> int:
+    from labkit.notebooks import export_html
+
+    out = Path(args.out)
+    for path in map(Path, args.notebooks):
+        if not path.is_file():
+            print(f"no notebook at {path}", file=sys.stderr)
+            return 2
+        print(export_html(path, out / f"{path.stem}.html"))
+    return 0
+
+
 def _book_build(args: argparse.Namespace) -> int:
     from labkit.book import BookBuildError, build_book
 
@@ -182,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="build/notebooks", help="folder for executed copies")
     run.add_argument("names", nargs="*", help="notebooks to run, e.g. 01 or 02_multi_head")
     run.set_defaults(run=_notebooks_run, smoke=False)
+    export = notebook_commands.add_parser(
+        "export",
+        help="save executed notebooks as HTML files whose plotly figures draw (plotly.js inlined "
+        "once per file, no CDN)",
+    )
+    export.add_argument("notebooks", nargs="+", help="executed notebooks (.ipynb)")
+    export.add_argument("--out", default="build/html", help="folder for the HTML files")
+    export.set_defaults(run=_notebooks_export)
 
     book = commands.add_parser("book", help="build the course book (Jupyter Book)")
     book_commands = book.add_subparsers(dest="book_command", required=True)

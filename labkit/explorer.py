@@ -48,6 +48,7 @@ DOM contract of ``to_html()`` (``V`` is the ``view_id``; ids are ``labkit-explor
 from __future__ import annotations
 
 import base64
+import copy
 import html
 import io
 import json
@@ -346,6 +347,18 @@ class AttentionExplorer:
             if "truncated" in note:
                 warnings.warn(note, stacklevel=2)
         return self
+
+    def with_text(
+        self, text: Any, target: Any = None, attention_mask: Any = None
+    ) -> AttentionExplorer:
+        """A new explorer of the same model and settings on another text; ``self`` is unchanged.
+
+        The widget's "run" button uses it, so the examples that a notebook (or an exercise
+        check) reads from ``self`` stay what they were, however often a reader re-runs the view.
+        """
+        view = copy.copy(self)
+        view._controls = {}
+        return view.run(text, target=target, attention_mask=attention_mask)
 
     def _targets(self, src: Tensor, src_mask: Tensor, target: Any, notes: list[str]):
         """Decoder input ``<bos> y`` (B, T) and its mask, teacher-forced or generated."""
@@ -648,8 +661,12 @@ class AttentionExplorer:
 
     def widget(self):
         """An ipywidgets UI: example, attention type, layer slider, head (or all heads),
-        query-token highlight, and a text box + button to re-run on a new text. Needs a kernel;
-        the widgets are kept in ``self.controls`` (tests drive them by setting values)."""
+        query-token highlight, and a text box + button to run the model on a new text. Needs a
+        kernel; the widgets are kept in ``self.controls`` (tests drive them by setting values).
+
+        "run" shows a new explorer (``with_text``), kept in ``self.widget_view``: ``self``'s own
+        examples never change, so code that reads them (an exercise's check) gives the same
+        answer before and after a reader plays with the widget."""
         import ipywidgets as w
         import matplotlib.pyplot as plt
         from IPython.display import display
@@ -671,27 +688,30 @@ class AttentionExplorer:
             "status": w.HTML(),
         }
         self._controls = c
+        self.widget_view = self
         busy = {"on": False}
 
         def refill(*_):
             busy["on"] = True
             try:
-                c["example"].options = [(e["label"][:40], i) for i, e in enumerate(self.examples)]
+                view = self.widget_view
+                c["example"].options = [(e["label"][:40], i) for i, e in enumerate(view.examples)]
                 c["example"].value = 0
-                c["attention"].options = [(ATTENTION_LABELS[t], t) for t in self.attention_types]
-                c["attention"].value = self.attention_types[-1]
+                c["attention"].options = [(ATTENTION_LABELS[t], t) for t in view.attention_types]
+                c["attention"].value = view.attention_types[-1]
                 refill_view()
             finally:
                 busy["on"] = False
 
         def refill_view():
-            attention = c["attention"].value or self.attention_types[-1]
+            view = self.widget_view
+            attention = c["attention"].value or view.attention_types[-1]
             ex = c["example"].value or 0
-            tq, _, w_, _, _ = self._check_view(ex, attention, None)
+            tq, _, w_, _, _ = view._check_view(ex, attention, None)
             layer, head, token = c["layer"].value, c["head"].value, c["token"].value
-            c["layer"].options = self.layer_ids[attention]
+            c["layer"].options = view.layer_ids[attention]
             c["layer"].value = (
-                layer if layer in self.layer_ids[attention] else self.layer_ids[attention][0]
+                layer if layer in view.layer_ids[attention] else view.layer_ids[attention][0]
             )
             c["head"].options = [("all heads", -1)] + [(f"head {h}", h) for h in range(w_.shape[1])]
             c["head"].value = head if head is not None and head < w_.shape[1] else -1
@@ -705,7 +725,7 @@ class AttentionExplorer:
                 return
             head = c["head"].value
             token = c["token"].value
-            fig = self.figure(
+            fig = self.widget_view.figure(
                 c["layer"].value,
                 None if head in (None, -1) else head,
                 example=c["example"].value or 0,
@@ -737,7 +757,7 @@ class AttentionExplorer:
         def on_run(*_):
             try:
                 target = None
-                self.run(c["text"].value, target=target)
+                self.widget_view = self.with_text(c["text"].value, target=target)
                 c["status"].value = ""
             except ValueError as err:
                 c["status"].value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"

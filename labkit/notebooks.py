@@ -145,3 +145,33 @@ def run_notebook(
             f"----- traceback -----\n{traceback}"
         )
     return NotebookRun(notebook, output, time.perf_counter() - start)
+
+
+PLOTLY_CALL = "Plotly.newPlot("
+
+
+def export_html(notebook: str | Path, output: str | Path) -> Path:
+    """An executed notebook as one HTML file whose plotly figures draw, with no CDN for them.
+
+    nbconvert's HTML export (the ``lab`` template) keeps each output's ``text/html``; the
+    figures of ``labkit.viz.show_plotly`` there need plotly.js, which no output carries. This
+    adds the installed ``plotly`` package's ``plotly.min.js`` once, inline in ``<head>``, when
+    the page has a figure (about 4.6 MB; a page without one gets nothing). Math and widgets are
+    left as nbconvert renders them. Returns ``output``.
+    """
+    import nbformat
+    import plotly
+    from nbconvert import HTMLExporter
+
+    notebook, output = Path(notebook), Path(output)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(
+        nbformat.read(notebook, as_version=4)
+    )
+    if PLOTLY_CALL in body:
+        js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text("utf-8")
+        js = js.replace("</script", "<\\/script")  # cannot close the inline script early
+        head_end = body.index("</head>")
+        body = f"{body[:head_end]}<script>{js}</script>\n{body[head_end:]}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(body, encoding="utf-8")
+    return output

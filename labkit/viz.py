@@ -19,12 +19,22 @@ Training
     ``plot_training_curves(history)`` (a ``Trainer.history`` DataFrame, a dict of lists or a
     list of records) and ``confusion_matrix_figure(y_true, y_pred, labels)``.
 
-Plotly in the book
-    Notebooks display plotly figures ONLY through ``show_plotly(fig, div_id)``: it emits
-    ``fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
-    div_id=div_id)``. The book serves plotly.js once; with plotly >= 6 the default renderer's
-    JSON output is silently dropped by myst-nb, and a fixed ``div_id`` keeps the page
-    deterministic.
+Plotly everywhere the course is read
+    Notebooks display plotly figures ONLY through ``show_plotly(fig, div_id)``. One output
+    carries two representations and each front end picks the one it draws:
+
+    * ``application/vnd.plotly.v1+json`` (the figure's JSON): JupyterLab 4 and Notebook 7
+      draw it with the renderer the ``plotly`` package installs (``jupyterlab-plotly``),
+      VS Code with its built-in notebook renderers. Nothing is downloaded.
+    * ``text/html``: ``fig.to_html(full_html=False, include_plotlyjs=False, ...)`` with a
+      fixed ``div_id``, the call guarded by ``window.Plotly``. The course book picks it (myst-nb
+      ignores the plotly JSON; ``book/_config.yml`` says so explicitly) and serves plotly.js
+      once per page; ``labkit notebooks export`` inlines plotly.js once per exported HTML file.
+      Where nothing loads plotly.js (``jupyter nbconvert --to html``), the figure's box says so
+      instead of staying blank.
+    * ``text/plain``: a one-line description (terminals, ``print``).
+
+    plotly.js is never inlined into an output and never fetched from a CDN.
 
 The attention explorer (every layer and head, in a notebook and in the static book) is
 ``labkit.explorer.AttentionExplorer``.
@@ -33,6 +43,7 @@ The attention explorer (every layer and head, in a notebook and in the static bo
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -51,6 +62,7 @@ __all__ = [
     "head_summary_figure",
     "mean_attention_distance",
     "plot_training_curves",
+    "PlotlyFigure",
     "plotly_html",
     "show_plotly",
 ]
@@ -414,29 +426,86 @@ def compare_heatmaps(
     return fig
 
 
-def plotly_html(fig: Any, div_id: str | None = None) -> str:
-    """The HTML fragment ``show_plotly`` displays (no plotly.js, no MathJax, fixed div id)."""
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+PLOTLY_MISSING = (
+    "This interactive plotly figure needs plotly.js, which this page does not load. It is "
+    "drawn in JupyterLab, Jupyter Notebook 7, VS Code and the course book; to save a notebook "
+    "as an HTML file that draws it, use <code>labkit notebooks export</code>."
+)
+
+
+def _div_id_of(fig: Any, div_id: str | None) -> str:
     if div_id is None:
         meta = fig.layout.meta
         div_id = meta.get("labkit_div_id") if isinstance(meta, dict) else None
         if div_id is None:
             raise ValueError("show_plotly needs a fixed div_id, e.g. show_plotly(fig, 'nb11-map')")
-    return fig.to_html(
-        full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=_check_div_id(div_id)
+    return _check_div_id(div_id)
+
+
+def plotly_html(fig: Any, div_id: str | None = None) -> str:
+    """The book-safe HTML fragment of ``show_plotly`` (no plotly.js, no MathJax, fixed div id).
+
+    The ``Plotly.newPlot`` call runs only where the page has loaded plotly.js; elsewhere a
+    short note replaces the empty box (class ``labkit-plotly-missing``).
+    """
+    div_id = _div_id_of(fig, div_id)
+    fragment = fig.to_html(
+        full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=div_id
+    )
+    guard = f'if (document.getElementById("{div_id}")) {{'
+    if fragment.count(guard) != 1:  # plotly changed its template: fail loudly, not blank
+        raise RuntimeError(f"unexpected plotly HTML (no single {guard!r}); plotly changed?")
+    guarded = f'if (document.getElementById("{div_id}") && window.Plotly) {{'
+    fragment = fragment.replace(guard, guarded)
+    note = json.dumps(f'<p class="labkit-plotly-missing" style="color:#555">{PLOTLY_MISSING}</p>')
+    return (
+        f"{fragment}<script>if (!window.Plotly) {{ var labkitDiv = "
+        f'document.getElementById("{div_id}"); if (labkitDiv) {{ labkitDiv.style.height = "auto"; '
+        f"labkitDiv.innerHTML = {note}; }} }}</script>"
     )
 
 
-def show_plotly(fig: Any, div_id: str | None = None):
-    """Display a plotly figure in a way that survives the static book.
+class PlotlyFigure:
+    """What ``show_plotly`` returns: one plotly figure with one representation per front end.
 
-    Returns an ``IPython.display.HTML`` of ``fig.to_html(full_html=False,
-    include_plotlyjs=False, include_mathjax=False, div_id=div_id)``: the book serves plotly.js
-    once per page, and the fixed ``div_id`` (unique in the book) keeps builds deterministic.
-    Use it as a cell's last expression (or pass it to ``display``).
+    ``_repr_mimebundle_`` gives ``application/vnd.plotly.v1+json`` (live front ends),
+    ``text/html`` (``plotly_html``: the book, exported HTML) and ``text/plain``. ``html`` (also
+    ``data``, as ``IPython.display.HTML`` had) is the HTML fragment; ``figure`` the plotly figure.
     """
-    from IPython.display import HTML
 
-    return HTML(plotly_html(fig, div_id))
+    def __init__(self, fig: Any, div_id: str) -> None:
+        self.figure, self.div_id = fig, div_id
+        self.html = plotly_html(fig, div_id)
+
+    @property
+    def data(self) -> str:
+        return self.html
+
+    def plotly_json(self) -> dict[str, Any]:
+        """The figure as plotly's JSON (``data``, ``layout``) plus the display ``config``."""
+        spec = json.loads(self.figure.to_json())
+        spec["config"] = {"responsive": True}
+        return spec
+
+    def __repr__(self) -> str:
+        title = self.figure.layout.title.text
+        return f"<plotly figure {self.div_id!r}{f': {title}' if title else ''}>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return {PLOTLY_MIME: self.plotly_json(), "text/html": self.html, "text/plain": repr(self)}
+
+
+def show_plotly(fig: Any, div_id: str | None = None) -> PlotlyFigure:
+    """Display a plotly figure so that every front end of the course draws it.
+
+    Returns a ``PlotlyFigure``: plotly's own JSON for JupyterLab, Notebook 7 and VS Code, and
+    the book-safe HTML of ``plotly_html`` (no plotly.js, fixed ``div_id``, unique in the book)
+    for the static book and exported HTML. Use it as a cell's last expression (or pass it to
+    ``display``). ``div_id`` defaults to the one remembered by ``attention_heatmap(...,
+    div_id=...)``; raises ValueError when there is none or it is not a valid HTML id.
+    """
+    return PlotlyFigure(fig, _div_id_of(fig, div_id))
 
 
 # ---------------------------------------------------------------------------------------------

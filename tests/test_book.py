@@ -237,6 +237,26 @@ def test_prepare_for_book_drops_widgets_and_hides_injected_parameters():
     assert len(book.prepare_for_book(notebook, smoke=False)["cells"]) == 3  # no note
 
 
+def test_prepare_for_book_keeps_the_html_of_a_plotly_figure():
+    """show_plotly's output: the page gets the book-safe HTML, not plotly's JSON (myst-nb has
+    no renderer for it and warns, which fails the -W build)."""
+    import numpy as np
+
+    from labkit import viz
+
+    fig = viz.attention_heatmap(np.eye(2), ["a", "b"], interactive=True)
+    bundle = viz.show_plotly(fig, "nb-book-test")._repr_mimebundle_()
+    figure = {"output_type": "display_data", "metadata": {}, "data": bundle}
+    json_only = {"output_type": "display_data", "metadata": {}, "data": {book.PLOTLY_MIME: {}}}
+    notebook = _notebook([_markdown("# 01 · Title"), _code("show()", [figure, json_only])])
+    outputs = book.prepare_for_book(notebook, smoke=False)["cells"][1]["outputs"]
+    assert set(outputs[0]["data"]) == {"text/html", "text/plain"}
+    assert "Plotly.newPlot(" in outputs[0]["data"]["text/html"]
+    assert book.PLOTLY_MIME in notebook["cells"][1]["outputs"][0]["data"]  # a copy
+    assert set(outputs[1]["data"]) == {book.PLOTLY_MIME}  # nothing else to show: left alone
+    assert book.PLOTLY_MIME == viz.PLOTLY_MIME
+
+
 # ----------------------------------------------------------------------------------------------
 # Nothing from a CDN
 # ----------------------------------------------------------------------------------------------

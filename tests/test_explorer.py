@@ -178,7 +178,18 @@ def test_explorer_mimebundle_and_widget(models, tok):
     c["attention"].value = "encoder"
     c["token"].value = 1
     assert ex.last_view["attention"] == "encoder" and ex.last_view["token"] == 1
+    before = {t: (ex.tokens(example=1, attention=t), ex.stack(example=1, attention=t).copy())
+              for t in ex.attention_types}  # fmt: skip
     c["text"].value = "the mat"
-    c["run"].click()  # re-run on the new text (target generated)
-    assert ex.tokens(attention="encoder")[0] == list("the mat")
+    c["run"].click()  # a new view of the new text (target generated)
+    view = ex.widget_view
+    assert view is not ex and view.tokens(attention="encoder")[0] == list("the mat")
+    assert c["example"].options == (("the mat", 0),)
+    c["head"].value = 1  # the new view redraws
+    assert ex.last_view["head"] == 1 and ex.last_view["example"] == 0
+    # the explorer's own examples are untouched: example 1 is still there, with the same maps
+    assert len(ex.examples) == 2 and ex.text == ["hello", "cat"]
+    for t, (tokens, weights) in before.items():
+        assert ex.tokens(example=1, attention=t) == tokens
+        assert np.array_equal(ex.stack(example=1, attention=t), weights)
     assert len(ui.children) == 5

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -79,10 +83,98 @@ def test_show_plotly_has_no_cdn_and_fixed_div():
     assert "MathJax" not in html.split("Plotly.newPlot")[0]
     fig2 = viz.attention_heatmap(np.eye(2), ["a", "b"], interactive=True, div_id="remembered")
     assert 'id="remembered"' in viz.plotly_html(fig2)
+    assert viz.show_plotly(fig2).div_id == "remembered"
     with pytest.raises(ValueError, match="div_id"):
         viz.show_plotly(fig)
     with pytest.raises(ValueError, match="div_id"):
         viz.show_plotly(fig, "bad id")
+
+
+# One output, one representation per front end (labkit.viz "Plotly everywhere ...").
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTLY_JS_BANNER = "* plotly.js v"  # the first lines of plotly.min.js
+
+
+def _figure_bundle(div_id: str = "nb-test-map") -> tuple[object, dict]:
+    weights = np.array([[1.0, 0.0], [0.25, 0.75]])
+    fig = viz.attention_heatmap(weights, ["a", "b"], interactive=True)
+    return fig, viz.show_plotly(fig, div_id)._repr_mimebundle_()
+
+
+def test_live_front_ends_get_plotlys_own_json():
+    """JupyterLab 4, Notebook 7 and VS Code draw application/vnd.plotly.v1+json themselves."""
+    fig, bundle = _figure_bundle()
+    spec = json.loads(json.dumps(bundle[viz.PLOTLY_MIME]))  # what the kernel sends
+    assert spec["data"][0]["type"] == "heatmap"
+    z = spec["data"][0]["z"]
+    if isinstance(z, dict):  # plotly >= 6: numpy arrays travel as typed arrays
+        shape = [int(n) for n in str(z.get("shape", "-1")).split(",")]
+        z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    assert np.allclose(z, [[1.0, 0.0], [0.25, 0.75]])
+    assert spec["layout"] == json.loads(fig.to_json())["layout"]
+    assert spec["config"] == {"responsive": True}
+
+
+def test_jupyterlab_has_plotlys_renderer_installed():
+    """The plotly package installs the JupyterLab / Notebook 7 renderer of its MIME type."""
+    package = Path(sys.prefix) / "share/jupyter/labextensions/jupyterlab-plotly/package.json"
+    assert package.is_file(), f"no jupyterlab-plotly extension at {package}"
+    meta = json.loads(package.read_text())
+    assert meta["jupyterlab"]["mimeExtension"], meta["jupyterlab"]
+
+
+def test_the_book_picks_the_html_and_it_loads_nothing():
+    """myst-nb's priority for the html builder, with the book's overrides, picks text/html:
+    the plotly JSON is never rendered, and the HTML carries no plotly.js and no URL."""
+    yaml = pytest.importorskip("yaml")
+    myst_render = pytest.importorskip("myst_nb.core.render")
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["sphinx"]["config"]
+    priority = dict(myst_render.base_render_priority()["html"])
+    for builder, mime, rank in config["nb_mime_priority_overrides"]:
+        if builder == "html":
+            priority[mime] = rank
+    _, bundle = _figure_bundle()
+    shown = [mime for mime in bundle if priority.get(mime) is not None]
+    assert min(shown, key=priority.__getitem__) == "text/html", shown
+    assert priority.get(viz.PLOTLY_MIME) is None
+    html = bundle["text/html"]
+    assert "Plotly.newPlot(" in html  # what book/_ext looks for to serve plotly.js
+    assert "window.Plotly" in html and PLOTLY_JS_BANNER not in html and not CDN.search(html)
+    assert len(html) < 20_000
+
+
+def test_exported_html_inlines_plotly_js_once(tmp_path: Path):
+    """nbconvert keeps the text/html; labkit's export adds plotly.js once per file."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from labkit.notebooks import export_html
+
+    cells = [nbformat.v4.new_markdown_cell("# two figures")]
+    for div_id in ("nb-test-a", "nb-test-b"):
+        cell = nbformat.v4.new_code_cell("show_plotly(fig)")
+        cell.outputs = [nbformat.v4.new_output("display_data", data=_figure_bundle(div_id)[1])]
+        cells.append(cell)
+    notebook = tmp_path / "figures.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), notebook)
+    plain, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(notebook, 4))
+    assert plain.count("Plotly.newPlot(") == 2 and PLOTLY_JS_BANNER not in plain
+    assert "labkit notebooks export" in plain  # the note shown where plotly.js is missing
+    exported = export_html(notebook, tmp_path / "out" / "figures.html").read_text()
+    assert exported.count("Plotly.newPlot(") == 2
+    assert exported.count(PLOTLY_JS_BANNER) == 1
+    assert exported.index(PLOTLY_JS_BANNER) < exported.index("</head>")
+    empty = tmp_path / "empty.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells[:1]), empty)
+    assert PLOTLY_JS_BANNER not in export_html(empty, tmp_path / "empty.html").read_text()
+
+
+def test_text_front_ends_get_a_description():
+    fig = viz.attention_heatmap(np.eye(2), ["a", "b"], interactive=True, title="A map")
+    shown = viz.show_plotly(fig, "nb-test-text")
+    assert shown._repr_mimebundle_()["text/plain"] == repr(shown)
+    assert "nb-test-text" in repr(shown)
 
 
 def test_compare_heatmaps_shared_scale_and_difference():
