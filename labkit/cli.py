@@ -1,4 +1,5 @@
-"""The ``labkit`` command line: ``demo`` (a tour that checks itself), ``info``,
+"""The ``labkit`` command line: ``demo`` (a tour that checks itself), ``info``, ``grade``
+(grade students' notebooks in a sandbox, see ``labkit.grade``),
 ``notebooks run`` (execute the course notebooks, full mode by default), ``book build`` (render
 the course book, see ``labkit.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
 model, see ``labkit.chargpt``) and ``sample`` (text from it)."""
@@ -6,6 +7,7 @@ model, see ``labkit.chargpt``) and ``sample`` (text from it)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +92,52 @@ def _exercises(args: argparse.Namespace) -> int:
 
     for path in write_starters(args.dir, args.out):
         print(path)
+    return 0
+
+
+def _grade(args: argparse.Namespace) -> int:
+    import ast
+
+    from labkit.grade import Options, grade
+
+    parameters = {}
+    if args.smoke:
+        parameters["SMOKE"] = True
+    for item in args.parameter:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"-p takes NAME=VALUE (a Python literal), got {item!r}")
+        try:
+            parameters[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parameters[name] = value
+    env = {}
+    for name in args.env:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    options = Options(
+        timeout_s=args.timeout,
+        cell_timeout_s=args.cell_timeout,
+        memory_mb=args.memory,
+        file_mb=args.max_file,
+        max_output_mb=args.max_output,
+        parameters=parameters,
+        data=[Path(p) for p in args.data],
+        allow_read=[Path(p) for p in args.allow_read],
+        env=env,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs),
+        kernel=args.kernel,
+    )
+    results = grade(
+        args.submissions,
+        args.out,
+        course_dir=args.course,
+        options=options,
+        jobs=args.jobs,
+        exercise=args.exercise,
+    )
+    students = len({r.student for r in results})
+    print(f"graded {len(results)} notebook(s) of {students} student(s): see {args.out}/summary.csv")
     return 0
 
 
@@ -234,6 +282,80 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", default="notebooks/exercises", help="exercise notebooks (default: %(default)s)"
     )
     exercises.set_defaults(run=_exercises)
+
+    grade = commands.add_parser(
+        "grade",
+        help="grade students' exercise notebooks, each in a sandbox (see labkit.grade)",
+        description="Grade submitted notebooks against the course's copies: check cells are "
+        "restored from the course, each notebook runs in its own sandbox (time, memory, CPU "
+        "and file-size limits, a fresh working directory, no network, no secrets, a read-only "
+        "view of this machine), and DIR gets grades.csv, summary.csv, feedback/<student>.md, "
+        "the executed notebooks and report.md.",
+    )
+    grade.add_argument(
+        "submissions",
+        nargs="+",
+        metavar="SUBMISSION",
+        help="a student's notebook, or a folder or zip of them (student id: the folder's or "
+        "zip's name, else the file name without the exercise's name)",
+    )
+    grade.add_argument("--out", required=True, metavar="DIR", help="folder for the grades")
+    grade.add_argument(
+        "--course", default="notebooks", help="course notebooks (default: %(default)s)"
+    )
+    grade.add_argument("--exercise", help="the exercise every unnamed notebook answers")
+    grade.add_argument(
+        "--timeout", type=float, default=600, help="seconds per notebook (default: %(default)s)"
+    )
+    grade.add_argument("--cell-timeout", type=int, help="seconds per cell (default: --timeout)")
+    grade.add_argument(
+        "--memory", type=int, default=4096, help="MB per notebook (default: %(default)s)"
+    )
+    grade.add_argument(
+        "--max-file", type=int, default=64, help="MB per written file (default: %(default)s)"
+    )
+    grade.add_argument(
+        "--max-output",
+        type=float,
+        default=1.0,
+        help="MB of output kept per cell (default: %(default)s)",
+    )
+    grade.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (default: 1)")
+    grade.add_argument(
+        "--threads", type=int, help="torch/BLAS threads per notebook (default: cores / jobs)"
+    )
+    grade.add_argument("--smoke", action="store_true", help="run the notebooks with SMOKE = True")
+    grade.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a parameter of the notebooks (papermill), e.g. -p SEED=1",
+    )
+    grade.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file or folder copied into every working directory",
+    )
+    grade.add_argument(
+        "--allow-read",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a path submissions may read (read-only) besides Python and labkit",
+    )
+    grade.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable on (all others but a safe few are not)",
+    )
+    grade.add_argument("--kernel", default="python3", help="Jupyter kernel (default: %(default)s)")
+    grade.set_defaults(run=_grade)
 
     train = commands.add_parser("train", help="train a model from the command line")
     train_commands = train.add_subparsers(dest="train_command", required=True)
