@@ -20,9 +20,16 @@ The recipe (nanoGPT ``config/train_shakespeare_char.py`` with its CPU settings, 
   windows of each split. The windows are drawn once per run, so successive evaluations
   measure the same text and differ only by what the model learnt.
 
-A run directory (``--out``) holds ``checkpoint.pt`` (the Trainer's full state: weights,
-optimizer, schedule, RNG), ``config.json`` (model config, settings, final figures) and
-``tokenizer.json``.
+A run directory (``--out``) holds ``config.json`` (model config, settings and, once the run
+has finished, its figures) and ``tokenizer.json``, both written when the run starts;
+``checkpoints/step_0000250.pt`` (the Trainer's full state: weights, optimizer, schedule, RNG,
+history, data position), written atomically at every evaluation (``checkpoint_every``), the
+``keep`` newest and the best by validation loss kept; and ``checkpoint.pt``, the final state.
+``train(..., resume=True)`` (``labkit train char-gpt --out DIR --resume``) continues from the
+newest checkpoint and ends exactly where the uninterrupted run would have (CPU, fp32), after
+checking that every setting that changes the result is the run's own. Ctrl-C or SIGTERM stops
+at the next step with a checkpoint (``labkit.interrupts``); a damaged or foreign file is a
+``ValueError`` naming it (``labkit.checkpoints``).
 
 Differences from nanoGPT that remain: labkit's tokenizer adds 4 special tokens (never seen in
 training; sampling bans them), embeddings are not weight-decayed (``labkit.train.param_groups``)
@@ -32,13 +39,16 @@ GELU (the preset's ``activation="gelu"``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -47,6 +57,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from labkit.checkpoints import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
 from labkit.device import get_device, seed_everything
 from labkit.generation import GenerationConfig, generate
 from labkit.models.gpt import GPT, GPTConfig
@@ -57,6 +73,13 @@ VAL_FRACTION = 0.1  # nanoGPT's data/shakespeare_char/prepare.py: the last 10% o
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 RUN_FORMAT = "labkit.char-gpt"
 CHECKPOINT, CONFIG, TOKENIZER = "checkpoint.pt", "config.json", "tokenizer.json"
+CHECKPOINTS = "checkpoints"  # the folder of the checkpoints written during a run
+CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
+# Settings a resumed run may change: they do not change what it computes. (Device and dtype
+# are compared as what they resolve to; the text by its contents.)
+RESUME_FREE = frozenset(
+    {"text", "device", "dtype", "progress", "checkpoint_every", "keep", "on_checkpoint_error"}
+)
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -78,6 +101,9 @@ class CharGPTSettings:
     device: "auto", "cpu", "cuda", "mps". dtype: "fp32", "bf16", "fp16" or "auto"; None = fp32
         on the CPU and "auto" (bf16, or fp16 on older GPUs) elsewhere, as nanoGPT does.
     compile: run training through ``torch.compile``. progress: show a tqdm progress bar.
+    checkpoint_every: write a checkpoint every so many steps (None = every evaluation);
+    keep: how many of the newest checkpoints to keep (the best by validation loss is kept too);
+    on_checkpoint_error: "stop" or "continue" training when a checkpoint cannot be written.
     """
 
     text: str | None = None
@@ -101,10 +127,14 @@ class CharGPTSettings:
     dtype: str | None = None
     compile: bool = False
     progress: bool = True
+    checkpoint_every: int | None = None
+    keep: int = 2
+    on_checkpoint_error: str = "stop"
 
     def __post_init__(self) -> None:
         counts = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters")
-        for name in (*counts, "eval_interval", "eval_iters"):
+        optional = () if self.checkpoint_every is None else ("checkpoint_every",)
+        for name in (*counts, "eval_interval", "eval_iters", "keep", *optional):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
@@ -126,6 +156,11 @@ class CharGPTSettings:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout}")
         if self.dtype is not None and self.dtype not in PRECISIONS:
             raise ValueError(f"dtype must be one of {PRECISIONS} or None, got {self.dtype!r}")
+        if self.on_checkpoint_error not in CHECKPOINT_ERROR_POLICIES:
+            raise ValueError(
+                f"on_checkpoint_error must be one of {CHECKPOINT_ERROR_POLICIES}, "
+                f"got {self.on_checkpoint_error!r}"
+            )
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The ``nanogpt-char-cpu`` preset at this run's sizes."""
@@ -139,8 +174,9 @@ class CharGPTSettings:
             dropout=self.dropout,
         )
 
-    def train_config(self) -> TrainConfig:
-        """The ``Trainer``'s settings: AdamW (0.9, beta2), cosine schedule, clipping, precision."""
+    def train_config(self, checkpoint_dir: str | Path | None = None) -> TrainConfig:
+        """The ``Trainer``'s settings: AdamW (0.9, beta2), cosine schedule, clipping, precision,
+        and checkpoints into ``checkpoint_dir`` (every evaluation unless ``checkpoint_every``)."""
         device = get_device(self.device)
         precision = self.dtype or ("fp32" if device.type == "cpu" else "auto")
         return TrainConfig(
@@ -160,7 +196,16 @@ class CharGPTSettings:
             device=str(device),
             seed=self.seed,
             progress=self.progress,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=None if checkpoint_dir is None else self.every_checkpoint,
+            keep_checkpoints=self.keep,
+            on_checkpoint_error=self.on_checkpoint_error,
         )
+
+    @property
+    def every_checkpoint(self) -> int:
+        """Steps between checkpoints: ``checkpoint_every``, else ``eval_interval``."""
+        return self.checkpoint_every or self.eval_interval
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,11 +357,132 @@ def _show_trainer_log() -> Iterator[None]:
         trainer_log.setLevel(level)
 
 
+def _text_fingerprint(text: str) -> dict[str, Any]:
+    return {
+        "characters": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(file)`` to a temporary file, fsync it, rename it to ``path`` (never half a file)."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        with open(partial, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise ValueError(f"could not write {str(path)!r}: {error.strerror or error}") from None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2)
+    _write_atomically(path, lambda file: file.write_text(text, encoding="utf-8"))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _run_identity(settings: CharGPTSettings, config: TrainConfig, text: str) -> dict[str, Any]:
+    """Everything that decides what a run computes, as a resumed run must match it."""
+    kept = {k: v for k, v in asdict(settings).items() if k not in RESUME_FREE}
+    device_type = torch.device(config.device).type
+    return {**kept, "precision": config.precision, "device": device_type, **_text_fingerprint(text)}
+
+
+def _check_resumable(saved: dict[str, Any], ours: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first setting in which ``ours`` differs from ``saved``."""
+    for key, value in ours.items():
+        old = saved.get(key)
+        if old == value:
+            continue
+        if key in ("sha256", "characters"):
+            raise ValueError(
+                f"cannot resume {where}: the text is not the one it was trained on "
+                f"({ours['characters']:,} characters now, {saved.get('characters')} then); "
+                "use the run's --text, or train into another --out"
+            )
+        label = {"precision": "--dtype", "device": "--device"}.get(key, _flag(key))
+        raise ValueError(
+            f"cannot resume {where}: it was trained with {label} {old} but this run has "
+            f"{label} {value}, which changes the result; drop {label} to use the run's "
+            "setting, or train into another --out"
+        )
+
+
+def resume_point(out: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of the run in ``out`` and what the recipe stored with it
+    (``extra``: format, settings, model, tokenizer, run identity); ValueError naming the
+    problem when there is none or it is unusable."""
+    out = Path(out)
+    latest = latest_checkpoint(out / CHECKPOINTS)
+    if latest is None:
+        raise ValueError(
+            f"{str(out)!r} holds no checkpoint to resume from (no {CHECKPOINTS}/step_*.pt); "
+            "start the run without --resume"
+        )
+    earlier = list_checkpoints(out / CHECKPOINTS)[:-1]
+    fix = (
+        f"delete it to resume from {earlier[-1].name}"
+        if earlier
+        else "delete the run and train again"
+    )
+    state = read_checkpoint(latest, fix=fix)
+    extra = state.get("extra")
+    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"checkpoint {str(latest)!r} is not from a char-GPT run; {fix}")
+    if not isinstance(extra.get("settings"), dict) or not isinstance(extra.get("identity"), dict):
+        raise CheckpointError(f"checkpoint {str(latest)!r} holds no run settings; {fix}")
+    return latest, extra
+
+
+def saved_settings(out: str | Path) -> CharGPTSettings:
+    """The settings of the run in ``out``, as its newest checkpoint recorded them."""
+    latest, extra = resume_point(out)
+    try:
+        return CharGPTSettings(**extra["settings"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(latest)!r} holds bad settings ({error})") from None
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: a new run needs an empty one (or overwrite)."""
+    old = list_checkpoints(out / CHECKPOINTS)
+    if resume or not (old or (out / CHECKPOINT).exists()):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{str(out)!r} already holds a run; continue it with --resume, start it afresh "
+            "with --overwrite, or choose another --out"
+        )
+    for path in [*old, out / CHECKPOINT]:
+        path.unlink(missing_ok=True)
+
+
 def train(
-    settings: CharGPTSettings, out: str | Path, log: Callable[[str], None] = print
+    settings: CharGPTSettings,
+    out: str | Path,
+    log: Callable[[str], None] = print,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> CharGPTResult:
-    """Train a character GPT as ``settings`` say and save the run to ``out``."""
+    """Train a character GPT as ``settings`` say and save the run to ``out``.
+
+    ``resume``: continue the run in ``out`` from its newest checkpoint (the settings must be
+    the run's own in everything that changes the result; :func:`saved_settings` gives them).
+    ``overwrite``: start afresh in a folder that holds a run (its checkpoints are deleted).
+    Raises ``labkit.interrupts.TrainingInterrupted`` after Ctrl-C/SIGTERM (a checkpoint was
+    saved) and ``labkit.checkpoints.CheckpointWriteError`` when a checkpoint cannot be written
+    and ``on_checkpoint_error`` is "stop".
+    """
     start = time.perf_counter()
+    out = Path(out)
+    _prepare_out(out, resume, overwrite)
+    resume_from = resume_point(out) if resume else None
     text = load_text(settings.text)
     tokenizer = CharTokenizer.from_corpus(text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
@@ -327,7 +493,10 @@ def train(
         f"+ {len(SPECIAL_TOKENS)} special; train {len(train_ids):,} / val {len(val_ids):,}"
     )
 
-    config = settings.train_config()  # checks the device before anything is built
+    config = settings.train_config(out / CHECKPOINTS)  # checks the device first
+    identity = _run_identity(settings, config, text)
+    if resume_from is not None:
+        _check_resumable(resume_from[1]["identity"], identity, f"the run in {str(out)!r}")
     seed_everything(settings.seed)
     model = GPT(settings.model_config(tokenizer.vocab_size))
     # Evaluation windows: drawn once, from their own generator, for every evaluation.
@@ -338,12 +507,23 @@ def train(
     trainer = Trainer(
         model, config, CharWindows(train_ids, settings.block_size), val_sample, metrics={}
     )
+    run = {
+        "format": RUN_FORMAT,
+        "model": asdict(model.config),
+        "settings": asdict(settings),
+        "identity": identity,
+    }
+    trainer.checkpoint_extra = {**run, "tokenizer": tokenizer.chars}
     n_params = model.num_parameters()
     log(
         f"model: {n_params / 1e6:.2f}M parameters (n_layer={settings.n_layer}, "
         f"n_head={settings.n_head}, n_embd={settings.n_embd}, block_size={settings.block_size}); "
         f"device {trainer.device}, precision {config.precision}"
     )
+    if trainer.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out / TOKENIZER, tokenizer.save)
+        _write_json(out / CONFIG, {**run, "results": None})
 
     def losses() -> tuple[float, float]:
         return tuple(
@@ -351,8 +531,11 @@ def train(
             for sample in (train_sample, val_sample)
         )
 
-    initial = losses()
+    initial = losses()  # of the freshly initialised model, also when resuming
     log(f"step 0: train loss {initial[0]:.4f}, val loss {initial[1]:.4f}")
+    if resume_from is not None:
+        trainer.resume(resume_from[0])
+        log(f"resumed from {resume_from[0]} (step {trainer.step} of {settings.max_iters})")
     fit_start = time.perf_counter()
     with _show_trainer_log():
         history = trainer.fit()
@@ -363,10 +546,6 @@ def train(
     # The history's tokens_per_s is per step; every step trains B * T characters.
     tokens_per_step = settings.batch_size * settings.block_size
     step_s = (tokens_per_step / history["tokens_per_s"]).sum()  # seconds in optimizer steps
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(out / CHECKPOINT)
-    tokenizer.save(out / TOKENIZER)
     result = CharGPTResult(
         initial_train_loss=initial[0],
         initial_val_loss=initial[1],
@@ -382,13 +561,9 @@ def train(
         model=model,
         tokenizer=tokenizer,
     )
-    run = {
-        "format": RUN_FORMAT,
-        "model": asdict(model.config),
-        "settings": asdict(settings),
-        "results": result.figures(),
-    }
-    (out / CONFIG).write_text(json.dumps(run, indent=2), encoding="utf-8")
+    trainer.save_checkpoint(out / CHECKPOINT)
+    if trainer.dist.is_main:
+        _write_json(out / CONFIG, {**run, "results": result.figures()})
     log(
         f"final (step {settings.max_iters}, {settings.eval_iters} batches per split): "
         f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
@@ -406,23 +581,95 @@ def train(
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_run_json(path: Path) -> dict[str, Any]:
+    """config.json's contents, or a ValueError naming the file and what is wrong with it."""
+    fix = "restore it from a backup, or train the run again"
+    try:
+        run = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{str(path)!r} is damaged (not UTF-8 text); {fix}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} is damaged (not valid JSON: {error}); {fix}") from None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not the config of a char-GPT run (no format {RUN_FORMAT!r}); {fix}"
+        )
+    if not isinstance(run.get("model"), dict):
+        raise ValueError(f"{str(path)!r} is damaged (no model settings); {fix}")
+    return run
+
+
+def _run_checkpoint(out: Path) -> Path | None:
+    """checkpoint.pt of a finished run, else the newest checkpoint of a run under way."""
+    final = out / CHECKPOINT
+    return final if final.is_file() else latest_checkpoint(out / CHECKPOINTS)
+
+
 def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, CharTokenizer, dict]:
-    """The trained model (eval mode, on ``device``), its tokenizer and config.json's contents."""
+    """The trained model (eval mode, on ``device``), its tokenizer and config.json's contents.
+
+    Reads ``checkpoint.pt``, or the newest checkpoint of a run still under way (or
+    interrupted). Each file is checked: a damaged, foreign or mismatched one (e.g. a
+    checkpoint of another model size) is a ValueError naming it and what to do.
+    """
     out = Path(out)
-    missing = [name for name in (CHECKPOINT, CONFIG, TOKENIZER) if not (out / name).is_file()]
+    checkpoint = _run_checkpoint(out)
+    missing = [name for name in (CONFIG, TOKENIZER) if not (out / name).is_file()]
+    missing += [CHECKPOINT] if checkpoint is None else []
     if missing:
         raise ValueError(
             f"{str(out)!r} holds no trained char-GPT run (missing {', '.join(missing)}); "
             "train one with: labkit train char-gpt --out DIR"
         )
-    run = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    if run.get("format") != RUN_FORMAT:
-        raise ValueError(f"{str(out / CONFIG)!r} is not a char-GPT run (format {RUN_FORMAT!r})")
+    run = _read_run_json(out / CONFIG)
     target = get_device(device)
-    model = GPT(GPTConfig(**run["model"]))
-    state = torch.load(out / CHECKPOINT, map_location=target, weights_only=True)
-    model.load_state_dict(state["model"])
-    return model.to(target).eval(), CharTokenizer.load(out / TOKENIZER), run
+    state = read_checkpoint(checkpoint, map_location=target, fix="train the run again")
+    where = f"checkpoint {str(checkpoint)!r}"
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(w, Tensor) for w in weights.values()):
+        raise CheckpointError(f"{where} holds no model weights; train the run again")
+    extra = state.get("extra") or {}
+    if "model" in extra and extra["model"] != run["model"]:
+        differ = sorted(k for k in run["model"] if run["model"][k] != extra["model"].get(k))
+        raise ValueError(
+            f"{str(out / CONFIG)!r} does not match {where} (they differ in "
+            f"{', '.join(differ) or 'their fields'}): the files come from different runs or "
+            "one was changed; copy the run's own config.json back, or train again"
+        )
+    try:
+        model = GPT(GPTConfig(**run["model"]))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{str(out / CONFIG)!r} holds bad model settings ({error}); restore it or train again"
+        ) from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:160]
+        raise ValueError(
+            f"{where} does not fit the model of {str(out / CONFIG)!r} ({reason}): it is a "
+            "checkpoint of another model size or run; copy the run's own checkpoint back"
+        ) from None
+    tokenizer = _load_tokenizer(out / TOKENIZER, model.config.vocab_size, extra.get("tokenizer"))
+    return model.to(target).eval(), tokenizer, run
+
+
+def _load_tokenizer(path: Path, vocab_size: int, chars: list[str] | None) -> CharTokenizer:
+    """The run's tokenizer, checked against the model's vocabulary size (and the characters
+    the checkpoint recorded)."""
+    fix = "copy the run's own tokenizer.json back, or train again"
+    try:
+        tokenizer = CharTokenizer.load(path)
+    except ValueError as error:  # names the file: not JSON, not a CharTokenizer
+        raise ValueError(f"{error}; {fix}") from None
+    except Exception:  # JSON of the right format holding the wrong things
+        raise ValueError(f"{str(path)!r} is damaged (no valid character list); {fix}") from None
+    if tokenizer.vocab_size != vocab_size or (chars is not None and tokenizer.chars != chars):
+        raise ValueError(
+            f"{str(path)!r} does not match the model ({tokenizer.vocab_size} tokens, the model "
+            f"has {vocab_size}, or other characters): it is damaged or from another run; {fix}"
+        )
+    return tokenizer
 
 
 def sample_text(
@@ -474,13 +721,16 @@ def sample_text(
 
 
 __all__ = [
+    "CHECKPOINTS",
     "CharGPTResult",
     "CharGPTSettings",
     "CharWindows",
     "estimate_loss",
     "load_run",
     "load_text",
+    "resume_point",
     "sample_text",
+    "saved_settings",
     "split_ids",
     "train",
 ]

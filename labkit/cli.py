@@ -141,13 +141,55 @@ def _grade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_char_gpt(args: argparse.Namespace) -> int:
-    from labkit.chargpt import CharGPTSettings, train
+class _NotGiven:
+    """Marks the flags a command line did not give (argparse fills in only missing ones)."""
 
-    flags = char_gpt_parser().parse_args(args.flags)
+    def __repr__(self) -> str:
+        return "not given"
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def _train_char_gpt(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from labkit.chargpt import CharGPTSettings, saved_settings, train
+    from labkit.checkpoints import CheckpointWriteError
+    from labkit.interrupts import TrainingInterrupted
+
+    parser = char_gpt_parser()
     fields = CharGPTSettings.__dataclass_fields__
-    settings = CharGPTSettings(**{name: getattr(flags, name) for name in fields})
-    train(settings, flags.out)
+    flags = parser.parse_args(args.flags)
+    if flags.resume:  # the run's own settings, but for the flags given on this command line
+        given = parser.parse_args(
+            args.flags, namespace=argparse.Namespace(**dict.fromkeys(fields, NOT_GIVEN))
+        )
+        changed = {name: getattr(given, name) for name in fields}
+        changed = {name: value for name, value in changed.items() if value is not NOT_GIVEN}
+        settings = replace(saved_settings(flags.out), **changed)
+    else:
+        settings = CharGPTSettings(**{name: getattr(flags, name) for name in fields})
+    again = f"labkit train char-gpt --out {flags.out} --resume"
+    try:
+        train(settings, flags.out, resume=flags.resume, overwrite=flags.overwrite)
+    except TrainingInterrupted as stop:
+        saved = f"saved {stop.checkpoint}" if stop.checkpoint else "no checkpoint was saved"
+        print(
+            f"labkit: {stop.signal_name}: stopped after step {stop.step}; {saved}\n"
+            f"resume with: {again}",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+    except CheckpointWriteError as error:
+        print(f"labkit: error: {error}; then resume with: {again}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, mid-step
+        print(
+            f"\nlabkit: interrupted at once; resume from the last checkpoint with: {again}",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -179,6 +221,13 @@ def char_gpt_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--text", help="UTF-8 text file (default: labkit's tiny Shakespeare)")
     add("--out", default=RUN_DIR, help="run directory to write" + dflt)
+    add(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint, with its own settings "
+        "(flags given here must not change the result)",
+    )
+    add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     model = parser.add_argument_group("model").add_argument
     model("--n-layer", type=int, default=d.n_layer, help="transformer blocks" + dflt)
     model("--n-head", type=int, default=d.n_head, help="attention heads" + dflt)
@@ -212,6 +261,21 @@ def char_gpt_parser() -> argparse.ArgumentParser:
     run("--dtype", choices=PRECISIONS, help="(default: fp32 on the CPU, else auto)")
     run("--compile", action="store_true", help="train through torch.compile")
     run("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    save = parser.add_argument_group("checkpoints (in --out/checkpoints)").add_argument
+    save(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="steps between checkpoints (default: every evaluation)",
+    )
+    save("--keep", type=int, default=d.keep, metavar="K", help="newest checkpoints kept, "
+         "besides the best by validation loss" + dflt)  # fmt: skip
+    save(
+        "--on-checkpoint-error",
+        choices=("stop", "continue"),
+        default=d.on_checkpoint_error,
+        help="when a checkpoint cannot be written (disk full)" + dflt,
+    )
     return parser
 
 
@@ -384,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     args.flags = extra
     try:
         return args.run(args)
-    except ValueError as err:  # bad input: one clear line, not a traceback
-        print(f"labkit: error: {err}", file=sys.stderr)
+    except ValueError as err:  # bad input or a damaged file: one clear line, not a traceback
+        message = " ".join(str(err).split())  # one line, whatever the error held
+        print(f"labkit: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -159,9 +159,11 @@ def init_distributed(device: torch.device | str, *, timeout_s: float = 300.0) ->
                 )
             info = DistributedInfo(info.rank, info.world_size, info.local_rank, dist.get_backend())
         else:
+            store = _attempt_store(info, timedelta(seconds=timeout_s))
             dist.init_process_group(
                 backend=info.backend,
-                init_method="env://",
+                init_method=None if store is not None else "env://",
+                store=store,
                 rank=info.rank,
                 world_size=info.world_size,
                 timeout=timedelta(seconds=timeout_s),
@@ -171,6 +173,27 @@ def init_distributed(device: torch.device | str, *, timeout_s: float = 300.0) ->
             _created_group = True
     _info = info
     return info
+
+
+def _attempt_store(info: DistributedInfo, timeout: timedelta) -> dist.Store | None:
+    """After an elastic restart (``torchrun --max-restarts``), a key space of this attempt's
+    own in torchrun's store; None otherwise (then ``env://`` does the usual).
+
+    torchrun keeps one store across restarts, and the workers of a new attempt would find the
+    addresses that the dead attempt's workers published there, and fail to connect to them
+    (pytorch/pytorch#167288); a prefix per attempt keeps the attempts apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        info.world_size,
+        is_master=False,  # torchrun's agent hosts it
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"labkit/attempt_{attempt}/", store)
 
 
 def local_device(device: torch.device | str, info: DistributedInfo) -> torch.device:
@@ -317,15 +340,22 @@ class TorchrunError(RuntimeError):
         self.stderr = stderr
 
 
-def torchrun_command(script_or_module: str | Path, nproc: int, args: list[str]) -> list[str]:
+def torchrun_command(
+    script_or_module: str | Path, nproc: int, args: list[str], *, max_restarts: int = 0
+) -> list[str]:
     """The command line that :func:`run_torchrun` runs, handy to print or paste in a terminal.
 
     A path ending in ``.py`` (or an existing file) is run as a script; anything else, such as
     ``"mypackage.train"``, as a module (``-m``). ``--standalone`` runs a private rendezvous on
-    this machine with a free port, so several launches never collide.
+    this machine with a free port, so several launches never collide. ``max_restarts`` > 0
+    makes the run elastic: when a worker dies, torchrun stops the others and starts all W
+    again (up to that many times); a script that resumes from its latest checkpoint
+    (``Trainer.fit(resume_from=latest_checkpoint(folder))``) then carries on from there.
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
     if not all(isinstance(arg, str) for arg in args):
         raise ValueError(f"args must be a list of strings, got {args!r}")
     target = str(script_or_module)
@@ -336,6 +366,7 @@ def torchrun_command(script_or_module: str | Path, nproc: int, args: list[str]) 
         raise ValueError(f"script {target!r} does not exist")
     launcher = [sys.executable, "-m", "torch.distributed.run"]  # torchrun of this interpreter
     options = ["--standalone", "--nproc_per_node", str(nproc)]
+    options += ["--max_restarts", str(max_restarts)] if max_restarts else []
     return [*launcher, *options, *([target] if is_script else ["-m", target]), *args]
 
 
@@ -346,6 +377,7 @@ def run_torchrun(
     timeout: float,
     *,
     env: dict[str, str] | None = None,
+    max_restarts: int = 0,
 ) -> subprocess.CompletedProcess:
     """Launch ``torchrun --standalone --nproc_per_node nproc`` and wait at most ``timeout`` s.
 
@@ -355,9 +387,9 @@ def run_torchrun(
     and all its workers are stopped), it raises :class:`TorchrunError` whose message ends
     with the workers' output, so the real traceback is visible. An interrupt (Jupyter's stop
     button) stops the workers too. ``env`` adds variables to this process's environment for
-    the workers.
+    the workers. ``max_restarts``: see :func:`torchrun_command`.
     """
-    command = torchrun_command(script_or_module, nproc, args)
+    command = torchrun_command(script_or_module, nproc, args, max_restarts=max_restarts)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     worker_env = {**os.environ, **(env or {})}

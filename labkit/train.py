@@ -26,7 +26,11 @@ knob, and W processes compute the same step as one.
 
 A checkpoint holds everything that decides the next step: weights, optimizer moments,
 schedule position, loss scale, the RNG states (dropout) and the data position, so a resumed
-run continues exactly as the uninterrupted one would have::
+run continues exactly as the uninterrupted one would have. Checkpoints are written atomically
+(``labkit.checkpoints``), the first Ctrl-C or SIGTERM stops at the next step boundary with a
+checkpoint (``TrainingInterrupted``), and a damaged or foreign file is a ``CheckpointError``
+naming it. One script serves the first start and every restart, also under
+``torchrun --max-restarts``: ``fit(resume_from=latest_checkpoint(folder))``::
 
     config = TrainConfig(max_steps=2000, batch_size=64, lr=3e-4, schedule="cosine",
                          warmup_steps=100, eval_every=200, checkpoint_dir="runs/gpt")
@@ -41,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,11 +63,16 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, de
 from tqdm.auto import tqdm
 
 from labkit.checkpoints import (
+    CheckpointError,
+    CheckpointWriteError,
     capture_rng_state,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
     restore_rng_state,
+    write_checkpoint,
 )
 from labkit.device import get_device, seed_everything
 from labkit.distributed import (
@@ -73,6 +82,7 @@ from labkit.distributed import (
     make_sampler,
     wrap_model,
 )
+from labkit.interrupts import StopRequests, TrainingInterrupted
 from labkit.losses import IGNORE_INDEX, accuracy, cross_entropy_sum, output_logits, split_batch
 from labkit.memory import enable_activation_checkpointing, saved_activation_bytes
 from labkit.train_config import (
@@ -87,8 +97,11 @@ from labkit.train_config import (
 __all__ = [
     "IGNORE_INDEX",
     "HISTORY_COLUMNS",
+    "CheckpointError",
+    "CheckpointWriteError",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "accuracy",
     "checkpoint_path",
     "cross_entropy_sum",
@@ -304,11 +317,14 @@ class Trainer:
         self.epoch = 0  # the epoch being read
         self.batches_seen = 0  # micro-batches of this epoch already used (per process)
         self.best_eval_loss: float | None = None
+        self.best_step: int | None = None  # the step of best_eval_loss
         self.evals_without_improvement = 0
         self.stopped_early = False
         self._records: list[dict[str, Any]] = []
         self._elapsed = 0.0  # seconds spent in fit, over all sessions of this run
         self._batch_iter: Iterator[Batch] | None = None
+        # Saved with every checkpoint under "extra" (e.g. a recipe's settings), never read back.
+        self.checkpoint_extra: dict[str, Any] = {}
 
     # --- data ---------------------------------------------------------------------------
 
@@ -435,9 +451,15 @@ class Trainer:
         """Train until ``max_steps`` (or early stopping); returns :attr:`history`.
 
         With ``resume_from`` (a checkpoint file), first restore that run's state (see
-        :meth:`resume`), so the result is that of the uninterrupted run. After a
-        ``KeyboardInterrupt``, calling ``fit()`` again continues from the last finished step
-        (the batches of the interrupted one are skipped).
+        :meth:`resume`), so the result is that of the uninterrupted run.
+
+        With ``config.handle_signals`` the first SIGINT (Ctrl-C) or SIGTERM finishes the step
+        under way, saves a checkpoint there (with a ``checkpoint_dir``; under torchrun every
+        rank stops at the same step) and raises :class:`TrainingInterrupted`; ``fit()`` again
+        continues exactly. A second signal raises ``KeyboardInterrupt`` at once; ``fit()``
+        again then continues from the last finished step (the interrupted one's batches are
+        skipped). A checkpoint that cannot be written raises ``CheckpointWriteError`` or, with
+        ``on_checkpoint_error="continue"``, logs a warning and training goes on.
         """
         if resume_from is not None:
             self.resume(resume_from)
@@ -451,7 +473,8 @@ class Trainer:
             desc="training",
             disable=not (config.progress and self.dist.is_main),
         )
-        with bar:
+        announce = self._announce_stop if self.dist.is_main else None
+        with bar, StopRequests(config.handle_signals, announce) as stop:
             while self.step < config.max_steps and not self.stopped_early:
                 record = self._train_step()
                 if self.eval_data is not None and self._due(config.eval_every):
@@ -461,14 +484,42 @@ class Trainer:
                 self._elapsed = time.perf_counter() - clock
                 record["time_s"] = self._elapsed
                 self._records.append(record)
+                saved = None
                 if config.checkpoint_dir is not None and (
                     self.stopped_early or self._due(config.checkpoint_every)
                 ):
-                    self.save_checkpoint()
+                    saved = self._save_during_fit()
                 shown = ("train_loss", "eval_loss", "lr")
                 bar.set_postfix({key: f"{record[key]:.4g}" for key in shown if key in record})
                 bar.update()
+                finished = self.step == config.max_steps or self.stopped_early
+                if self._stop_requested(stop) and not finished:
+                    if config.checkpoint_dir is not None and saved is None:
+                        saved = self._save_during_fit()
+                    raise TrainingInterrupted(self.step, saved, stop.signum or signal.SIGTERM)
         return self.history
+
+    def _announce_stop(self, signum: int) -> str:
+        what = "saving a checkpoint" if self.config.checkpoint_dir is not None else "stopping"
+        return (
+            f"\nlabkit: {signal.Signals(signum).name} received: {what} when step "
+            f"{self.step + 1} ends; press Ctrl-C again to stop at once"
+        )
+
+    def _stop_requested(self, stop: StopRequests) -> bool:
+        """Whether any process received a stop signal (one all-reduce under torchrun, so all
+        ranks stop after the same step)."""
+        requested = float(stop.signum is not None)
+        return all_reduce_mean(requested, self.dist) > 0 if self.dist.enabled else bool(requested)
+
+    def _save_during_fit(self) -> Path | None:
+        try:
+            return self.save_checkpoint()
+        except CheckpointWriteError as error:
+            if self.config.on_checkpoint_error == "stop":
+                raise
+            logger.warning("%s; training goes on (on_checkpoint_error='continue')", error)
+            return None
 
     def _due(self, every: int | None) -> bool:
         """True after every ``every``-th step and after the last one."""
@@ -479,6 +530,7 @@ class Trainer:
         config = self.config
         if self.best_eval_loss is None or eval_loss < self.best_eval_loss - config.min_delta:
             self.best_eval_loss = eval_loss
+            self.best_step = self.step
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
@@ -578,7 +630,10 @@ class Trainer:
         """Write the run's full state to ``path`` (default ``checkpoint_dir/step_0000123.pt``).
 
         Only rank 0 writes (other ranks return None). The file is written under a temporary
-        name and then renamed, so an interrupted save never leaves a half-written checkpoint.
+        name, fsync-ed and renamed, so a crash never leaves a half-written checkpoint; a failed
+        write raises ``CheckpointWriteError`` and leaves the previous files as they were. With
+        ``keep_checkpoints`` the older files of ``checkpoint_dir`` are deleted, except the
+        newest ``keep_checkpoints`` and the one of the best eval loss.
         """
         if path is None:
             if self.config.checkpoint_dir is None:
@@ -602,60 +657,161 @@ class Trainer:
             "rng": capture_rng_state(),
             "history": self._records,
             "best_eval_loss": self.best_eval_loss,
+            "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
             "stopped_early": self.stopped_early,
             "elapsed_s": self._elapsed,
             "data": self._data_signature(),
-            "config": config,  # for the reader; resuming uses this Trainer's own config
+            "device_type": self.device.type,
+            "config": config,  # resuming checks it against this Trainer's own config
+            "extra": self.checkpoint_extra,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, path)
-        keep = self.config.keep_checkpoints
-        if keep is not None and self.config.checkpoint_dir is not None:
-            for old in list_checkpoints(self.config.checkpoint_dir)[:-keep]:
-                old.unlink()
+        write_checkpoint(state, path)
+        keep, directory = self.config.keep_checkpoints, self.config.checkpoint_dir
+        if keep is not None and directory is not None and path.parent == Path(directory):
+            best = [] if self.best_step is None else [checkpoint_path(directory, self.best_step)]
+            prune_checkpoints(directory, keep, protect=best)
         logger.info("saved checkpoint %s", path)
         return path
 
-    def resume(self, path: str | Path) -> None:
+    def resume(self, path: str | Path, *, strict: bool = True) -> None:
         """Restore the run saved in ``path``; the next ``fit()`` continues it exactly.
 
         Restores weights, optimizer moments, schedule, loss scale, RNG states, data position,
         history and early-stopping state. Batch size, accumulation, world size, seed, shuffle
         and the number of training examples must match the saved run, or the data position
-        would point at other examples.
+        would point at other examples. With ``strict`` every other setting that changes the
+        result (all of ``TrainConfig`` but the checkpoint, progress and signal options) and
+        the device type must match too; ``strict=False`` resumes anyway (e.g. with a larger
+        ``max_steps``). A damaged, foreign or mismatched file raises ``CheckpointError`` (a
+        ``ValueError``) naming it.
         """
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"checkpoint {str(path)!r} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        where = f"checkpoint {str(path)!r}"
+        state = read_checkpoint(path, map_location=self.device)
+        _check_trainer_state(state, where)
         for key, value in self._data_signature().items():
-            if state["data"][key] != value:
-                raise ValueError(
-                    f"checkpoint {str(path)!r} was written with {key}={state['data'][key]!r} "
+            if state["data"].get(key) != value:
+                raise CheckpointError(
+                    f"{where} was written with {key}={state['data'].get(key)!r} "
                     f"but this Trainer has {key}={value!r}"
                 )
+        if strict:
+            self._check_same_settings(state, where)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as error:
-            raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {error}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+            raise CheckpointError(
+                f"{where} does not fit this model: {_one_line(error)}; it comes from a model of "
+                "another size or kind"
+            ) from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            restore_rng_state(state["rng"])
+            self._records = [dict(record) for record in state["history"]]
+        except Exception as error:  # a file of the right shape holding wrong pieces
+            raise CheckpointError(
+                f"{where} holds a damaged Trainer state ({_one_line(error)}); delete it and "
+                "resume from an earlier checkpoint, or train again"
+            ) from None
         self.step, self.epoch, self.batches_seen = (
             state["step"],
             state["epoch"],
             state["batches_seen"],
         )
         self._batch_iter = None  # rebuilt at the saved position
-        self._records = list(state["history"])
         self.best_eval_loss = state["best_eval_loss"]
+        self.best_step = state.get("best_step")
         self.evals_without_improvement = state["evals_without_improvement"]
         self.stopped_early = state["stopped_early"]
         self._elapsed = state["elapsed_s"]
+
+    def _check_same_settings(self, state: dict[str, Any], where: str) -> None:
+        saved, ours = state.get("config"), asdict(self.config)
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{where} holds no TrainConfig to compare with")
+        for name, value in ours.items():
+            if name in RESUME_FREE_SETTINGS or name not in saved:
+                continue
+            old = saved[name]
+            if _comparable(old) != _comparable(value):
+                raise CheckpointError(
+                    f"{where} was written with TrainConfig.{name}={old!r} but this Trainer has "
+                    f"{name}={value!r}; resume with the run's own settings to continue it "
+                    "exactly (or resume(strict=False))"
+                )
+        device_type = state.get("device_type", self.device.type)
+        if device_type != self.device.type:
+            raise CheckpointError(
+                f"{where} was trained on {device_type} but this Trainer runs on "
+                f"{self.device.type}; the numbers would differ (resume(strict=False) to go on)"
+            )
+
+
+# Settings that do not change what a run computes: a resumed run may change them.
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "checkpoint_dir",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "on_checkpoint_error",
+        "progress",
+        "handle_signals",
+        "device",  # compared as the device type actually used
+    }
+)
+_STATE_TYPES = {
+    "step": int,
+    "epoch": int,
+    "batches_seen": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "rng": dict,
+    "history": list,
+    "evals_without_improvement": int,
+    "stopped_early": bool,
+    "elapsed_s": float,
+    "data": dict,
+}
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    line = " ".join(part.strip() for part in lines[:2]) if lines else type(error).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_trainer_state(state: dict[str, Any], where: str) -> None:
+    """Raise ``CheckpointError`` unless ``state`` has the keys and types a Trainer saves."""
+    missing = [key for key in _STATE_TYPES if key not in state]
+    if missing:
+        bare = bool(state) and all(isinstance(v, Tensor) for v in state.values())
+        hint = (
+            ": it is a bare state_dict (load it with model.load_state_dict)"
+            if bare
+            else f" (no {', '.join(missing[:4])})"
+        )
+        raise CheckpointError(f"{where} is not a checkpoint of labkit's Trainer{hint}")
+    for key, kind in _STATE_TYPES.items():
+        value = state[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or (kind is int and value < 0):
+            raise CheckpointError(
+                f"{where} holds a damaged Trainer state ({key} is {value!r:.40}); delete it and "
+                "resume from an earlier checkpoint, or train again"
+            )
+    if not all(isinstance(v, Tensor) for v in state["model"].values()):
+        raise CheckpointError(f"{where} holds a damaged Trainer state (model weights)")
 
 
 def plot_history(

@@ -21,6 +21,7 @@ from labkit.schedules import constant_lr, cosine_lr, noam_lr
 SCHEDULES = ("constant", "cosine", "noam")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 NONFINITE_POLICIES = ("raise", "skip")
+CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
 
 
 def _is_int(value: object) -> bool:
@@ -71,13 +72,19 @@ class TrainConfig:
             improving by more than ``min_delta``.
         checkpoint_dir: where ``step_0000123.pt`` files go (written after the last step);
             checkpoint_every: also every so many steps; keep_checkpoints: delete all but the
-            newest so many (None = keep all).
+            newest so many and the one of the best eval loss (None = keep all). Files are
+            written atomically, so a crash leaves the previous one loadable.
+        on_checkpoint_error: when a checkpoint cannot be written (disk full), ``"stop"``
+            raises ``CheckpointWriteError``; ``"continue"`` logs a warning and trains on.
 
     Run
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         seed: seeds everything when the Trainer is made, and the data order.
         shuffle: a new order of the training examples every epoch.
         progress: show a tqdm progress bar (on rank 0).
+        handle_signals: the first SIGINT (Ctrl-C) or SIGTERM stops at the next step boundary,
+            saves a checkpoint (with ``checkpoint_dir``) and raises ``TrainingInterrupted``;
+            a second one interrupts at once. False: Python's default behaviour.
     """
 
     max_steps: int = 1000
@@ -104,10 +111,12 @@ class TrainConfig:
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = None
+    on_checkpoint_error: str = "stop"
     device: str = "auto"
     seed: int = 0
     shuffle: bool = True
     progress: bool = True
+    handle_signals: bool = True
 
     def _check(self, name: str, ok: bool, requirement: str) -> None:
         if not ok:
@@ -134,7 +143,8 @@ class TrainConfig:
         for name in ("warmup_steps", "seed"):
             value = getattr(self, name)
             check(name, _is_int(value) and value >= 0, "an int >= 0")
-        for name in ("activation_checkpointing", "compile", "shuffle", "progress"):
+        flags = ("activation_checkpointing", "compile", "shuffle", "progress", "handle_signals")
+        for name in flags:
             check(name, isinstance(getattr(self, name), bool), "True or False")
         for name in ("weight_decay", "min_delta"):
             value = getattr(self, name)
@@ -159,6 +169,11 @@ class TrainConfig:
         check("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}")
         check("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
         check("nonfinite", self.nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}")
+        check(
+            "on_checkpoint_error",
+            self.on_checkpoint_error in CHECKPOINT_ERROR_POLICIES,
+            f"one of {CHECKPOINT_ERROR_POLICIES}",
+        )
         check("device", isinstance(self.device, str), "a string such as 'auto', 'cpu', 'cuda'")
         check(
             "checkpoint_dir",

@@ -8,17 +8,28 @@ The same file runs both ways, which is the point of labkit.distributed::
 Each rank saves its final weights and loss history to ``OUT/rank{r}.pt`` and gives the
 Trainer its own checkpoint folder ``OUT/checkpoints_rank{r}``, so the test can tell which
 ranks wrote checkpoints (only rank 0 should).
+
+The elastic variant shares one folder, ``OUT/checkpoints``, and resumes from its newest
+checkpoint, as a script run with ``torchrun --max-restarts 1`` should; ``--kill-rank R
+--kill-at-step S`` makes rank R SIGKILL itself as step S begins in the first attempt (torchrun's
+TORCHELASTIC_RESTART_COUNT is 0), so torchrun restarts both ranks::
+
+    torchrun --standalone --nproc_per_node 2 --max_restarts 1 tests/ddp_train_script.py OUT \
+        --elastic --checkpoint-every 1 --kill-rank 1 --kill-at-step 3
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from labkit.checkpoints import latest_checkpoint
 from labkit.distributed import cleanup, init_distributed
 from labkit.layers import EncoderLayer
 from labkit.train import TrainConfig, Trainer
@@ -55,10 +66,22 @@ def make_model() -> TinyClassifier:
     return TinyClassifier().to(torch.float64)
 
 
-def train(out: Path, steps: int, batch_size: int, device: str = "cpu") -> None:
+def train(
+    out: Path,
+    steps: int,
+    batch_size: int,
+    device: str = "cpu",
+    *,
+    elastic: bool = False,
+    checkpoint_every: int | None = None,
+    kill: tuple[int, int] | None = None,
+) -> None:
     """Train with a shuffled, seeded order (over several epochs when steps * batch_size > N)
-    and save this rank's results into ``out``."""
+    and save this rank's results into ``out``. ``elastic``: one shared checkpoint folder,
+    resumed from; ``kill``: (rank, step) at which that rank dies in the first attempt."""
     info = init_distributed(torch.device(device))  # the Trainer's own call returns this info
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    folder = out / ("checkpoints" if elastic else f"checkpoints_rank{info.rank}")
     config = TrainConfig(
         max_steps=steps,
         batch_size=batch_size,  # global: each of the W ranks reads batch_size / W per step
@@ -67,10 +90,22 @@ def train(out: Path, steps: int, batch_size: int, device: str = "cpu") -> None:
         seed=SEED,
         shuffle=True,
         progress=False,
-        checkpoint_dir=out / f"checkpoints_rank{info.rank}",
+        checkpoint_dir=folder,
+        checkpoint_every=checkpoint_every,
     )
     trainer = Trainer(make_model(), config, make_data())
-    history = trainer.fit()
+    if kill is not None and attempt == 0 and info.rank == kill[0]:
+        take_step = trainer._train_step
+
+        def dying_step() -> dict:
+            if trainer.step + 1 == kill[1]:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no goodbye: a lost machine
+            return take_step()
+
+        trainer._train_step = dying_step
+    resume_from = latest_checkpoint(folder) if elastic else None
+    print(f"rank {info.rank} attempt {attempt}: resuming from {resume_from}", flush=True)
+    history = trainer.fit(resume_from=resume_from)
     torch.save(
         {"state_dict": trainer.model.state_dict(), "losses": history["train_loss"].tolist()},
         out / f"rank{info.rank}.pt",
@@ -84,8 +119,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch size")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--elastic", action="store_true", help="shared folder, resume from it")
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--kill-rank", type=int)
+    parser.add_argument("--kill-at-step", type=int)
     args = parser.parse_args()
-    train(args.out, args.steps, args.batch_size, args.device)
+    kill = None if args.kill_rank is None else (args.kill_rank, args.kill_at_step)
+    train(
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.device,
+        elastic=args.elastic,
+        checkpoint_every=args.checkpoint_every,
+        kill=kill,
+    )
 
 
 if __name__ == "__main__":

@@ -330,17 +330,23 @@ def _train_script() -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """The folder of one uninterrupted 2-process run of tests/ddp_train_script.py."""
+    two = tmp_path_factory.mktemp("two_processes")
+    run_torchrun(TRAIN_SCRIPT, 2, [str(two)], timeout=90)
+    return two
+
+
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(tmp_path, two_process_run):
     """THE test: the Trainer on 2 ranks with B/2 examples each ends with the weights of the
     Trainer on 1 process with all B, over 5 shuffled steps that cross an epoch boundary."""
-    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    one, two = tmp_path / "one_process", two_process_run
     one.mkdir()
-    two.mkdir()
     subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), str(one)], check=True, timeout=60, capture_output=True
     )
-    run_torchrun(TRAIN_SCRIPT, 2, [str(two)], timeout=90)
 
     single = torch.load(one / "rank0.pt")
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
@@ -366,6 +372,38 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_elastic_run_survives_a_killed_rank(tmp_path, two_process_run):
+    """torchrun --max-restarts 1: rank 1 is SIGKILLed as step 3 begins; torchrun stops rank 0,
+    starts both again, they resume from the step-2 checkpoint and end with exactly the
+    weights and losses of the uninterrupted 2-process run."""
+    args = [str(tmp_path), "--elastic", "--checkpoint-every", "1"]
+    result = run_torchrun(
+        TRAIN_SCRIPT, 2, [*args, "--kill-rank", "1", "--kill-at-step", "3"], timeout=150,
+        max_restarts=1,
+    )  # fmt: skip
+    for rank in (0, 1):  # the first attempt started afresh, the second from step 2
+        assert f"rank {rank} attempt 0: resuming from None" in result.stdout
+        assert f"rank {rank} attempt 1: resuming from {tmp_path}/checkpoints/step_0000002.pt" in (
+            result.stdout
+        )
+    reference = torch.load(two_process_run / "rank0.pt")
+    for rank in (0, 1):
+        elastic = torch.load(tmp_path / f"rank{rank}.pt")
+        assert elastic["losses"] == reference["losses"]
+        for name, weight in reference["state_dict"].items():
+            assert torch.equal(elastic["state_dict"][name], weight), f"rank {rank}: {name}"
+    saved = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert sorted(saved) == [f"step_000000{t}.pt" for t in range(1, 6)]
+
+
+def test_torchrun_command_makes_restarts_explicit():
+    command = torchrun_command(TRAIN_SCRIPT, 2, [], max_restarts=1)
+    assert command[3:7] == ["--standalone", "--nproc_per_node", "2", "--max_restarts"]
+    with pytest.raises(ValueError, match="max_restarts must be an int >= 0, got -1"):
+        torchrun_command(TRAIN_SCRIPT, 2, [], max_restarts=-1)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: fewer than 2 GPUs"
 )
@@ -378,7 +416,9 @@ def test_processes_on_gpus_train_like_one_gpu(tmp_path):
     args = ["--device", "cuda", "--batch-size", str(4 * n_gpus)]
     subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), str(one), *args],
-        check=True, timeout=120, capture_output=True,
+        check=True,
+        timeout=120,
+        capture_output=True,
     )
     run_torchrun(TRAIN_SCRIPT, n_gpus, [str(many), *args], timeout=180)
     single = torch.load(one / "rank0.pt", map_location="cpu")
