@@ -52,9 +52,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -117,6 +116,9 @@ __all__ = [
     "schedule_lr",
     "split_batch",
 ]
+
+if TYPE_CHECKING:  # matplotlib is imported by plot_history only: `labkit train` starts faster
+    import matplotlib.pyplot as plt
 
 logger = logging.getLogger(__name__)
 
@@ -838,6 +840,8 @@ def plot_history(
     if not columns or missing:
         raise ValueError(f"columns {list(columns)} not all in history; it has {list(history)}")
     if ax is None:
+        import matplotlib.pyplot as plt
+
         _, ax = plt.subplots(figsize=(7, 4))
     for column in columns:
         points = history[["step", column]].dropna()
