@@ -67,7 +67,7 @@ def main() -> int:
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, python {platform.python_version()}"
     )
-    result = train(settings, args.out)
+    result = train(settings, args.out, overwrite=True)  # a benchmark starts afresh each time
 
     train_steps_s = settings.max_iters * settings.batch_size * settings.block_size
     train_steps_s /= result.tokens_per_s
