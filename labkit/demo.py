@@ -3,6 +3,8 @@
 It is the command-line twin of the first notebooks: build attention from its formula, compare
 it with PyTorch, look at a causal mask, and decode with a KV cache. Each step prints what it
 shows and a PASS/FAIL line, so the tour doubles as a smoke test of a fresh installation.
+The tensors are random: rows and columns carry the words of a sentence only as labels (no
+model reads them), so the printed weights show the mechanics, not what a trained model does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from labkit.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
 from labkit.device import get_device, seed_everything
 
-WORDS = ["the", "cat", "sat", "down"]
+WORDS = ["the", "cat", "sat", "down"]  # labels for 4 positions; the vectors are random
 
 
 def _check(name: str, ok: bool, detail: str, failures: list[str]) -> None:
@@ -31,7 +33,11 @@ def _print_matrix(weights: torch.Tensor, rows: list[str], cols: list[str]) -> No
 
 
 def _step_attention(device: torch.device, failures: list[str]) -> None:
-    print("\n1. Scaled dot-product attention on a 4-word sentence (d_k = 8)")
+    print(
+        "\n1. Scaled dot-product attention over 4 positions (d_k = 8). The queries, keys and"
+        "\n   values are RANDOM vectors; the words only label the positions, so these weights"
+        "\n   show the mechanics (rows sum to 1), not what a trained model would attend to."
+    )
     q, k, v = (torch.randn(len(WORDS), 8, device=device) for _ in range(3))
     out, weights = scaled_dot_product_attention(q, k, v)
     _print_matrix(weights.cpu(), WORDS, WORDS)
@@ -53,7 +59,10 @@ def _step_attention(device: torch.device, failures: list[str]) -> None:
 
 
 def _step_causal(device: torch.device, failures: list[str]) -> None:
-    print("\n2. A causal mask: each word may look only at itself and earlier words")
+    print(
+        "\n2. A causal mask: each position may look only at itself and earlier ones"
+        " (random q, k, v again)"
+    )
     mask = causal_mask(len(WORDS), device=device)
     _print_matrix(mask.float().cpu(), WORDS, WORDS)
     q, k, v = (torch.randn(len(WORDS), 8, device=device) for _ in range(3))

@@ -1,15 +1,20 @@
 """Where and in which precision to run: device choice, seeding, autocast dtype.
 
-Every notebook starts with ``DEVICE = "auto"`` and ``SEED = 0``; these three helpers turn
-those parameters into a ``torch.device``, a reproducible random state and the low-precision
-dtype that autocast should use on that device.
+Every notebook starts with ``DEVICE = "auto"`` and ``SEED = 0``; these helpers turn those
+parameters into a ``torch.device``, a reproducible random state and the low-precision dtype
+that autocast should use on that device. :func:`bf16_hardware` and :func:`autocast_policy`
+report what *this* machine does (bf16 matrix units, which operations autocast runs in which
+precision), so a notebook states facts about the hardware it actually ran on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,3 +109,113 @@ def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.Abs
     if not enabled or dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# CPU flags (Linux /proc/cpuinfo names) of instructions that compute bf16 dot products in hardware
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class BF16Hardware:
+    """What the machine offers bf16 matrix products: ``units`` is True/False, or None if unknown.
+
+    ``name`` is the processor (GPU name on CUDA), ``detail`` one sentence of evidence: the
+    CPU flags found, PyTorch's CPU capability, or the GPU's compute capability.
+    """
+
+    device: str
+    name: str
+    units: bool | None
+    detail: str
+
+
+def _cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None  # not Linux (macOS, Windows): the flags are not readable this way
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def _cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def bf16_hardware(
+    device: str | torch.device, cpuinfo: str | Path = "/proc/cpuinfo"
+) -> BF16Hardware:
+    """Detect, at run time, whether ``device`` has matrix units that compute in bf16.
+
+    CUDA: the GPU's name and compute capability (bf16 tensor cores from 8.0, Ampere, on).
+    CPU: the ``amx_bf16`` / ``avx512_bf16`` flags of ``/proc/cpuinfo`` (Linux) together with
+    ``torch.backends.cpu.get_cpu_capability()``; elsewhere ``units`` is None (unknown).
+    MPS: unknown. Never hard-code such a fact in a notebook: the same notebook runs on
+    laptops, AMD and Intel servers and GPUs.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return BF16Hardware(
+            "cuda",
+            torch.cuda.get_device_name(index),
+            major >= 8,
+            f"compute capability {major}.{minor} (bf16 tensor cores need 8.0 or newer)",
+        )
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        flags = _cpu_flags(cpuinfo)
+        if flags is None:
+            units, found = None, "CPU flags not readable on this system"
+        else:
+            present = [f for f in BF16_CPU_FLAGS if f in flags]
+            units = bool(present)
+            found = f"flags {', '.join(present)}" if present else f"none of {BF16_CPU_FLAGS}"
+        return BF16Hardware(
+            "cpu", _cpu_name(cpuinfo), units, f"{found}; PyTorch CPU capability {capability}"
+        )
+    return BF16Hardware(device.type, device.type, None, "not detected for this device type")
+
+
+def autocast_policy(device: str | torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Which precision autocast gives each common operation on ``device``, measured now.
+
+    Each operation runs inside ``torch.autocast`` on tiny tensors. Returns ``{operation:
+    verdict}`` with verdict ``"low precision"`` (a float32 input comes out in ``dtype``),
+    ``"float32"`` (a ``dtype`` input comes out in float32: autocast forces it) or
+    ``"follows its input"`` (neither). The lists differ between devices and PyTorch versions,
+    which is why this is measured, not written down.
+    """
+    device = torch.device(device)
+    dtype = dtype or autocast_dtype(device)
+    if dtype is None:
+        raise ValueError(f"autocast has no low-precision dtype on {device}")
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(8, 8, device=device)
+    target = torch.zeros(4, dtype=torch.long, device=device)
+    ops = {
+        "matmul (linear layers, attention scores)": lambda t: t @ w.to(t.dtype),
+        "softmax": lambda t: torch.softmax(t, -1),
+        "layer_norm": lambda t: torch.nn.functional.layer_norm(t, (8,)),
+        "gelu": lambda t: torch.nn.functional.gelu(t),
+        "cross_entropy (the loss)": lambda t: torch.nn.functional.cross_entropy(t, target),
+    }
+    policy = {}
+    with torch.autocast(device.type, dtype=dtype):
+        for name, op in ops.items():
+            if op(x).dtype == dtype:
+                policy[name] = "low precision"
+            elif op(x.to(dtype)).dtype == torch.float32:
+                policy[name] = "float32"
+            else:
+                policy[name] = "follows its input"
+    return policy

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from labkit.device import autocast, autocast_dtype, get_device, seed_everything
+from labkit.device import (
+    autocast,
+    autocast_dtype,
+    autocast_policy,
+    bf16_hardware,
+    get_device,
+    seed_everything,
+)
 
 
 def test_auto_prefers_cuda_then_mps_then_cpu():
@@ -74,3 +81,26 @@ def test_autocast_runs_matmul_in_low_precision(device):
         outside = a @ a
     assert inside.dtype == autocast_dtype(device)
     assert outside.dtype == torch.float32
+
+
+def test_bf16_hardware_reads_cpu_flags(tmp_path):
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("model name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
+    without = tmp_path / "plain"
+    without.write_text("model name\t: Some Ryzen\nflags\t\t: fpu sse2 avx2\n")
+    found = bf16_hardware("cpu", cpuinfo=with_amx)
+    assert found.units is True and found.name == "Some Xeon" and "amx_bf16" in found.detail
+    missing = bf16_hardware("cpu", cpuinfo=without)
+    assert missing.units is False and missing.name == "Some Ryzen"
+    unknown = bf16_hardware("cpu", cpuinfo=tmp_path / "absent")
+    assert unknown.units is None and "not readable" in unknown.detail
+
+
+def test_autocast_policy_on_cpu_is_measured():
+    policy = autocast_policy("cpu")
+    assert policy["matmul (linear layers, attention scores)"] == "low precision"
+    assert policy["cross_entropy (the loss)"] == "float32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the verdict agrees with a direct probe
+        softmax_out = torch.softmax(torch.randn(2, 3).bfloat16(), -1).dtype
+    expected = "float32" if softmax_out == torch.float32 else "follows its input"
+    assert policy["softmax"] == expected
