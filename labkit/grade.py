@@ -438,13 +438,15 @@ def run_submission(
         return result, None
 
     prepared, result.notes = prepare(course_nb, nb)
-    if options.parameters:
-        from papermill.parameterize import parameterize_notebook
-
-        prepared = parameterize_notebook(prepared, dict(options.parameters))
     work = Path(tempfile.mkdtemp(prefix="work-", dir=stage))
     name = f"{exercise}.ipynb"
     nbformat.write(prepared, work / name)
+    if options.parameters:  # injected after the parameters cell, as papermill -p does
+        from papermill.iorw import load_notebook_node
+        from papermill.parameterize import parameterize_notebook
+
+        prepared = parameterize_notebook(load_notebook_node(str(work / name)), options.parameters)
+        nbformat.write(prepared, work / name)
     for item in options.data:
         target = work / item.name
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, target)
@@ -533,10 +535,12 @@ def run_submission(
         index = positions[check.key]
         event = cell_events.get(index)
         cause = ""
-        for i in range(first_error_since, index):  # the task's own cells failed first?
+        for i in range(first_error_since, index):  # did a cell of this task fail first?
             e = cell_events.get(i)
             if e and e.get("error") and cell_role(executed.cells[i]) != "check":
-                cause = f"\n(cell {i}, your code, failed first: {_error_text(e['error'], 1)})"
+                cause = (
+                    f"\n(cell {i}, above this check, failed first: {_error_text(e['error'], 1)})"
+                )
                 break
         overflow = next(
             (
