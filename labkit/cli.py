@@ -127,6 +127,7 @@ def _grade(args: argparse.Namespace) -> int:
         env=env,
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs),
         kernel=args.kernel,
+        isolation=args.isolation,
     )
     results = grade(
         args.submissions,
@@ -419,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass this environment variable on (all others but a safe few are not)",
     )
     grade.add_argument("--kernel", default="python3", help="Jupyter kernel (default: %(default)s)")
+    grade.add_argument(
+        "--isolation",
+        choices=("bwrap", "unshare", "none"),
+        default="bwrap",
+        help="the strongest sandbox to try; weaker ones are used where it fails, with a warning "
+        "(default: %(default)s)",
+    )
     grade.set_defaults(run=_grade)
 
     train = commands.add_parser("train", help="train a model from the command line")

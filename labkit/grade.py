@@ -392,6 +392,7 @@ class Options:
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     kernel: str = "python3"
+    isolation: str = "bwrap"  # the strongest isolation to try (see labkit.sandbox.isolation)
 
 
 def _zero(checks: list[Check], why: str) -> list[CheckResult]:
@@ -462,7 +463,13 @@ def run_submission(
         "--max-output-mb", str(options.max_output_mb),
     ]  # fmt: skip
     threads = str(max(1, options.threads))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **options.env}
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "LABKIT_STRICT_CHECKS": "1",  # labkit.checks: a failed check raises, so it scores 0
+        **options.env,
+    }
+    iso = sandbox.isolation(options.isolation)
     run = sandbox.run_sandboxed(
         command,
         work,
@@ -470,6 +477,7 @@ def run_submission(
         hide=hide,
         allow_read=options.allow_read,
         env=env,
+        iso=iso,
     )
     result.seconds = run.seconds
     events = []
@@ -478,7 +486,7 @@ def run_submission(
             events.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    if sandbox.isolation().mode == "none":  # no PID namespace: the kernel outlives the worker
+    if iso.mode == "none":  # no PID namespace: the kernel outlives the worker
         for event in events:
             if event.get("event") == "start":
                 _kill_quietly(event.get("kernel_pid"))
@@ -650,7 +658,7 @@ def grade(
         seen[key] = sub.source
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    iso = sandbox.isolation()
+    iso = sandbox.isolation(options.isolation)
     warnings = sandbox.isolation_warnings(iso)
     for w in warnings:
         log(f"labkit grade: WARNING: {w}")

@@ -95,11 +95,19 @@ def _root() -> bool:
 
 
 @functools.cache
-def isolation() -> Isolation:
-    """Probe once which isolation works here: bwrap, then unshare, else none."""
+def isolation(strongest: str = "bwrap") -> Isolation:
+    """Probe once which isolation works here: bwrap, then unshare, else none.
+
+    ``strongest`` skips the stronger modes (``"unshare"``: do not try bwrap; ``"none"``: no
+    isolation), for machines where a stronger mode misbehaves, and for tests of the fallbacks.
+    """
+    if strongest not in MODES:
+        raise ValueError(f"isolation must be one of {MODES}, got {strongest!r}")
     reasons = []
     bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    if strongest != "bwrap":
+        reasons.append(f"isolation {strongest!r} was asked for")
+    elif bwrap is None:
         reasons.append("bwrap is not installed (Debian: apt-get install bubblewrap)")
     else:
         probe = _bwrap_prefix(bwrap, None, [], []) + ["true"]
@@ -108,7 +116,9 @@ def isolation() -> Isolation:
             return Isolation("bwrap", "")
         reasons.append(f"bwrap cannot create namespaces here ({why})")
     unshare = shutil.which("unshare")
-    if unshare is None:
+    if strongest == "none":
+        pass
+    elif unshare is None:
         reasons.append("unshare is not installed")
     else:
         why = _works(_unshare_prefix(unshare) + ["true"])

@@ -413,3 +413,56 @@ def test_cli_rejects_bad_input(tmp_path, course, capsys):
     assert main(["grade", str(tmp_path / "a.ipynb"), "--out", str(tmp_path / "o"),
                  "--course", str(course), "--exercise", "ex_nope"]) == 2  # fmt: skip
     assert "no exercise 'ex_nope'" in capsys.readouterr().err
+
+
+def test_isolation_warnings_name_what_is_missing():
+    assert sandbox.isolation_warnings(sandbox.Isolation("bwrap", "")) == []
+    (fs,) = sandbox.isolation_warnings(sandbox.Isolation("unshare", "bwrap is not installed"))
+    assert "no filesystem isolation" in fs and "bwrap is not installed" in fs
+    fs, net = sandbox.isolation_warnings(sandbox.Isolation("none", "why"))
+    assert "no network isolation" in net and "127.0.0.1" in net
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        sandbox.isolation("docker")
+
+
+def test_bwrap_mounts_hide_and_rebind(tmp_path):
+    home = tmp_path / "home"
+    (home / "venv").mkdir(parents=True)
+    (home / "venv" / "subs").mkdir()
+    secret = tmp_path / "grades.csv"
+    secret.write_text("x")
+    cmd = sandbox._bwrap_prefix("bwrap", tmp_path / "work", [home, home / "venv" / "subs", secret],
+                                [home / "venv"])  # fmt: skip
+    text = " ".join(cmd)
+    assert cmd[:4] == ["bwrap", "--die-with-parent", "--new-session", "--unshare-all"]
+    assert "--ro-bind / /" in text and "--tmpfs /tmp" in text
+    # home lies in /tmp (already empty): not mounted over; the venv inside is bound back
+    # read-only, and the submissions folder inside the venv hidden again
+    assert f"--tmpfs {home} " not in text + " "
+    venv = text.index(f"--ro-bind-try {home / 'venv'} {home / 'venv'}")
+    assert text.index(f"--tmpfs {home / 'venv' / 'subs'}") > venv
+    assert f"/dev/null {secret}" not in text  # in /tmp: invisible anyway
+    assert text.endswith(f"--bind {tmp_path / 'work'} /tmp/submission --chdir /tmp/submission")
+    if os.geteuid() == 0:  # root keeps its capabilities in the namespace unless dropped
+        assert "--cap-drop ALL" in text
+
+
+@pytest.mark.slow
+def test_unshare_fallback_blocks_the_network_and_warns(tmp_path, course):
+    if sandbox.isolation("unshare").mode != "unshare":
+        pytest.skip(f"no network namespace here: {sandbox.isolation('unshare').detail}")
+    server = Server()
+    code = f'import socket\n\nsocket.create_connection(("127.0.0.1", {server.port}), timeout=5)\n'
+    path = tmp_path / f"erin_{EXERCISE}.ipynb"
+    nbformat.write(submission({**RIGHT, "t1-start": code + RIGHT["t1-start"]}), path)
+    lines = []
+    try:
+        (result,) = grade([path], tmp_path / "out", course_dir=course, log=lines.append,
+                          options=Options(timeout_s=60, isolation="unshare"))  # fmt: skip
+    finally:
+        server.close()
+    assert server.connections == 0
+    assert [c.points for c in result.checks] == [0, 1, 2]
+    assert "unreachable" in result.checks[0].error or "Refused" in result.checks[0].error
+    assert any("WARNING: no filesystem isolation" in line for line in lines)
+    assert "no filesystem isolation" in (tmp_path / "out" / "report.md").read_text()
