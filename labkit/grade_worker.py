@@ -35,6 +35,7 @@ from typing import Any
 KERNEL_LOG = ".kernel.log"
 PR_SET_DUMPABLE = 4
 MB = 1 << 20
+TOTAL_OUTPUT_CELLS = 20  # a notebook keeps at most 20 cells' worth of output
 
 
 def _emit(event: dict[str, Any]) -> None:
@@ -58,9 +59,11 @@ def _client_class():
     from nbclient import NotebookClient
 
     class CappedClient(NotebookClient):
-        """nbclient that keeps at most ``max_output_bytes`` of output per cell."""
+        """nbclient that keeps at most ``max_output_bytes`` of output per cell, and
+        ``TOTAL_OUTPUT_CELLS`` times that in the whole notebook."""
 
         max_output_bytes = 1 * MB
+        total = 0
 
         def output(self, outs, msg, display_id, cell_index):  # noqa: D102 (nbclient's hook)
             from nbformat.v4 import output_from_msg
@@ -70,9 +73,11 @@ def _client_class():
             except ValueError:
                 size = 0
             kept = sum(_output_bytes(o) for o in outs)
-            if cell_index in self.overflow or kept + size > self.max_output_bytes:
+            full = self.total + size > TOTAL_OUTPUT_CELLS * self.max_output_bytes
+            if cell_index in self.overflow or kept + size > self.max_output_bytes or full:
                 self.overflow[cell_index] = self.overflow.get(cell_index, kept) + size
                 return None
+            self.total += size
             return super().output(outs, msg, display_id, cell_index)
 
     return CappedClient
@@ -135,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             error = {
                 "ename": "OutputLimitExceeded",
                 "evalue": f"the cell printed {overflow / MB:.1f} MB of output; the limit is "
-                f"{args.max_output_mb:g} MB per cell (the rest was dropped)",
+                f"{args.max_output_mb:g} MB per cell and {TOTAL_OUTPUT_CELLS} times that per "
+                "notebook (the rest was dropped)",
                 "traceback": [],
             }
         _emit(
