@@ -283,6 +283,24 @@ def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint(tmp_path):
     assert torch.equal(resumed.model[1].weight, full.model[1].weight)
 
 
+def test_trainer_resume_names_what_differs_or_is_foreign(tmp_path):
+    trainer, _ = _tiny_run(tmp_path, max_steps=2)
+    trainer.fit()
+    saved = checkpoint_path(tmp_path, 2)
+    other, _ = _tiny_run(tmp_path / "other", max_steps=2, lr=0.05)
+    with pytest.raises(CheckpointError, match=r"TrainConfig.lr=0.1 but this Trainer has lr=0.05"):
+        other.resume(saved)
+    other.resume(saved, strict=False)  # e.g. to go on with another setting, knowingly
+    assert other.step == 2
+    bare = tmp_path / "bare.pt"
+    torch.save(nn.Linear(D, C).state_dict(), bare)
+    with pytest.raises(CheckpointError, match="is a bare state_dict .load it with model.load"):
+        other.resume(bare)
+    torch.save({"step": 1}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of labkit's Trainer .no epoch"):
+        other.resume(tmp_path / "partial.pt")
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     trainer, sent = _tiny_run(tmp_path, {3: [signal.SIGINT, signal.SIGINT]})
