@@ -164,9 +164,11 @@ def write_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         finally:
             os.close(fd)
         os.replace(partial, path)
-    except OSError as error:
+    except BaseException as error:  # a full disk, or a second Ctrl-C: leave no half file
         partial.unlink(missing_ok=True)
-        raise CheckpointWriteError(path, error) from error
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(path, error) from error
+        raise
     _fsync_directory(path.parent)
     return path
 
