@@ -148,12 +148,31 @@ def _chunks(text: str, n: int) -> list[str]:
     return [p for p in pieces if p]
 
 
-def count_pretokens(texts: Iterable[str], pattern: str = GPT2_PATTERN) -> Counter[str]:
-    """How often each pre-token occurs in ``texts`` (special tokens already removed)."""
-    compiled = regex.compile(pattern)
-    counts: Counter[str] = Counter()
+def count_pretokens(
+    texts: Iterable[str], pattern: str = GPT2_PATTERN, workers: int = 1
+) -> Counter[str]:
+    """How often each pre-token occurs in ``texts`` (special tokens already removed).
+
+    ``workers > 1`` cuts the texts into about four chunks per worker at safe cut points (see
+    ``_SAFE_CUT``) and counts them in that many processes; the counts are the same.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    texts = list(texts)
+    if workers == 1:
+        compiled = regex.compile(pattern)
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(compiled.findall(text))
+        return counts
+    total = max(sum(map(len, texts)), 1)
+    jobs = []
     for text in texts:
-        counts.update(compiled.findall(text))
+        jobs += _chunks(text, max(1, round(4 * workers * len(text) / total)))
+    counts = Counter()
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(_count_chunk, [(job, pattern) for job in jobs]):
+            counts.update(part)
     return counts
 
 
@@ -368,8 +387,6 @@ class ByteLevelBPE:
                 f"vocab_size must be at least {minimum} (256 byte tokens + "
                 f"{len(special_tokens)} special tokens), got vocab_size={vocab_size!r}"
             )
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
         texts = [text_or_iterable] if isinstance(text_or_iterable, str) else text_or_iterable
         specials = _special_regex(special_tokens)
         pieces = []
@@ -377,23 +394,9 @@ class ByteLevelBPE:
             if not isinstance(text, str):
                 raise ValueError(f"text {i} is a {type(text).__name__}, not a str")
             pieces += [p for p, special in _split_specials(text, specials) if not special]
-        counts = cls._count(pieces, pattern, workers)
+        counts = count_pretokens(pieces, pattern, workers)
         vocab, merges = train_merges(counts, vocab_size - minimum)
         return cls(vocab, merges, special_tokens, pattern)
-
-    @staticmethod
-    def _count(pieces: list[str], pattern: str, workers: int) -> Counter[str]:
-        if workers == 1:
-            return count_pretokens(pieces, pattern)
-        total = sum(map(len, pieces))
-        jobs = []
-        for piece in pieces:  # about 4 chunks per worker, cut where pre-tokens end anyway
-            jobs += _chunks(piece, max(1, round(4 * workers * len(piece) / max(total, 1))))
-        counts: Counter[str] = Counter()
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(_count_chunk, [(job, pattern) for job in jobs]):
-                counts.update(part)
-        return counts
 
     # ------------------------------------------------------------------------------------------
     # Encoding and decoding
