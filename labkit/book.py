@@ -36,18 +36,25 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from labkit.notebooks import NOTEBOOK_GLOB, NotebookError, run_notebook
+from labkit.notebooks import (
+    NOTEBOOK_GLOB,
+    NOTEBOOK_NAME,
+    NotebookError,
+    lesson_notebooks,
+    run_notebook,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_GLOB = "ex_*.ipynb"
 EXECUTED_DIR = Path("build") / "executed"  # relative to the repository root
 STAGE_DIR = Path("build") / "book-src"
 OUTPUT_DIR = Path("book") / "_build" / "html"
-# (caption, first, last notebook number) of the book's parts, in order.
-PARTS: tuple[tuple[str, int, int], ...] = (
-    ("Start here", 0, 0),
-    ("Building the Transformer", 1, 6),
-    ("Efficiency, applications and pretrained models", 7, 99),
+# (caption, first, last notebook prefix) of the book's parts, in order. Prefixes compare as
+# strings, so "00b" (tokenization, between 00 and 01) falls in "00a".."06z".
+PARTS: tuple[tuple[str, str, str], ...] = (
+    ("Start here", "00", "00"),
+    ("Building the Transformer", "00a", "06z"),
+    ("Efficiency, applications and pretrained models", "07", "99z"),
 )
 REFERENCE_PAGES = ("api/index", "glossary", "bibliography")
 # Committed files of book/ that are not part of the site.
@@ -83,10 +90,14 @@ class Page:
     title: str
 
     @property
-    def number(self) -> int | None:
-        """The lesson number ``NN`` of ``NN_topic.ipynb`` (None for exercises)."""
-        match = re.match(r"(\d\d)_", self.source.name)
-        return int(match.group(1)) if match else None
+    def prefix(self) -> str | None:
+        """The lesson's place ``NN`` or ``NNb`` of ``NN[b]_topic.ipynb`` (None for exercises)."""
+        match = NOTEBOOK_NAME.fullmatch(self.source.name)
+        return match.group(1) if match else None
+
+    def in_part(self, first: str, last: str) -> bool:
+        """Whether the lesson's prefix lies in ``[first, last]`` (a part of PARTS)."""
+        return self.prefix is not None and first <= self.prefix <= last
 
 
 def notebook_title(path: str | Path) -> str:
@@ -105,8 +116,7 @@ def course_pages(notebook_dir: str | Path) -> tuple[list[Page], list[Page]]:
     """The lesson pages and the exercise pages, each sorted by file name."""
     notebook_dir = Path(notebook_dir)
     lessons = [
-        Page(p, f"notebooks/{p.stem}", notebook_title(p))
-        for p in sorted(notebook_dir.glob(NOTEBOOK_GLOB))
+        Page(p, f"notebooks/{p.stem}", notebook_title(p)) for p in lesson_notebooks(notebook_dir)
     ]
     exercises = [
         Page(p, f"notebooks/exercises/{p.stem}", notebook_title(p))
@@ -126,7 +136,7 @@ def make_toc(
     parts: list[dict[str, Any]] = []
     placed: set[str] = set()
     for caption, first, last in PARTS:
-        chapters = [p for p in lessons if p.number is not None and first <= p.number <= last]
+        chapters = [p for p in lessons if p.in_part(first, last)]
         if chapters:
             parts.append({"caption": caption, "chapters": [{"file": p.docname} for p in chapters]})
             placed.update(p.docname for p in chapters)
@@ -219,8 +229,8 @@ def contents_table(lessons: Iterable[Page], exercises: Iterable[Page]) -> str:
     lessons = list(lessons)
     for caption, first, last in PARTS:
         for page in lessons:
-            if page.number is not None and first <= page.number <= last:
-                title = re.sub(r"^\d\d\s*·\s*", "", page.title)
+            if page.in_part(first, last):
+                title = re.sub(r"^\d\d[a-z]?\s*·\s*", "", page.title)
                 link = f"[`{page.source.stem}`](notebooks/{page.source.name})"
                 rows.append(f"| {caption} | {link} | {title} |")
     for page in exercises:

@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+# Lesson notebooks are NN_topic.ipynb; a letter after the number (00b_topic.ipynb) slots a
+# chapter in between two numbers without renumbering the ones after it. The glob also matches
+# names such as 001_x.ipynb; NOTEBOOK_NAME is the exact rule.
+NOTEBOOK_GLOB = "[0-9][0-9]*_*.ipynb"
+NOTEBOOK_NAME = re.compile(r"(\d\d[a-z]?)_\w+\.ipynb")
+
+
+def lesson_notebooks(directory: str | Path) -> list[Path]:
+    """The lesson notebooks of ``directory`` in reading order (sorted by name: 00, 00b, 01)."""
+    return sorted(p for p in Path(directory).glob(NOTEBOOK_GLOB) if NOTEBOOK_NAME.fullmatch(p.name))
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebacks
 SMOKE_BANNER = "smoke mode: numbers below come from a tiny run"  # tests look for this text
 
@@ -79,7 +90,7 @@ def kernel_metadata() -> dict[str, Any]:
 
 
 def find_notebooks(directory: str | Path, names: Iterable[str] = ()) -> list[Path]:
-    """The course notebooks ``NN_topic.ipynb`` in ``directory``, in order.
+    """The course notebooks ``NN_topic.ipynb`` (or ``NNb_topic.ipynb``) in ``directory``, in order.
 
     ``names`` selects some of them by stem or prefix (``"01"``, ``"01_self_attention"``); an
     unknown name raises ValueError listing the notebooks that exist.
@@ -87,7 +98,7 @@ def find_notebooks(directory: str | Path, names: Iterable[str] = ()) -> list[Pat
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"no notebook folder at {str(directory)!r}")
-    notebooks = sorted(directory.glob(NOTEBOOK_GLOB))
+    notebooks = lesson_notebooks(directory)
     chosen = []
     for name in names:
         matches = [p for p in notebooks if p.stem == name or p.stem.startswith(f"{name}_")]

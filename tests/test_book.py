@@ -127,6 +127,21 @@ def test_toc_puts_lessons_in_parts_then_exercises_then_reference():
     assert "sections" not in book.make_toc(lessons, [])["parts"][3]["chapters"][0]
 
 
+def test_a_lettered_notebook_sorts_between_two_numbers(tmp_path: Path):
+    for name in ("01_b", "00_a", "00b_tok", "07_c", "0_bad", "001_bad"):
+        _write(tmp_path / f"{name}.ipynb", _notebook([_markdown(f"# {name[:3]} · {name}")]))
+    lessons, _ = book.course_pages(tmp_path)
+    assert [p.source.stem for p in lessons] == ["00_a", "00b_tok", "01_b", "07_c"]
+    assert [p.prefix for p in lessons] == ["00", "00b", "01", "07"]
+    toc = book.make_toc(lessons, [])
+    assert [c["file"] for c in toc["parts"][1]["chapters"]] == [
+        "notebooks/00b_tok",
+        "notebooks/01_b",
+    ]
+    table = book.contents_table(lessons, [])
+    assert "| Building the Transformer | [`00b_tok`](notebooks/00b_tok.ipynb) | 00b_tok |" in table
+
+
 def test_toc_of_the_repository_lists_every_notebook_once():
     lessons, exercises = book.course_pages(ROOT / "notebooks")
     assert lessons, "no lesson notebooks found"

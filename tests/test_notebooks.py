@@ -30,13 +30,14 @@ from labkit.notebooks import (
     SMOKE_BANNER,
     NotebookError,
     kernel_metadata,
+    lesson_notebooks,
     run_notebook,
     smoke_banner,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-LESSONS = sorted(NOTEBOOK_DIR.glob(NOTEBOOK_GLOB))
+LESSONS = lesson_notebooks(NOTEBOOK_DIR)  # NN_topic / NNb_topic, in reading order
 EXERCISES = sorted((NOTEBOOK_DIR / "exercises").glob(EXERCISE_GLOB))
 NOTEBOOKS = LESSONS + EXERCISES  # the exercise notebooks follow the same conventions
 CELL_TIMEOUT_S = 600
