@@ -50,6 +50,7 @@ GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+EOS_TOKEN = "<|endoftext|>"  # GPT-2's and SmolLM2's end of document
 # Cut points that are pre-token boundaries for the patterns above: after a newline that sits
 # between two non-space characters. Used to split a long text into chunks (training in several
 # processes, streaming in encode_iterable) without changing its pre-tokens.
@@ -359,6 +360,12 @@ class ByteLevelBPE:
         """Number of ids (the embedding table needs ``max id + 1`` rows)."""
         return max(self.vocab, default=-1) + 1
 
+    @property
+    def eos_id(self) -> int | None:
+        """The id of ``"<|endoftext|>"`` when it is a special token (GPT-2's document
+        separator; ``labkit.data.to_lm_blocks(..., add_eos=True)`` appends it), else None."""
+        return self.special_tokens.get(EOS_TOKEN)
+
     # ------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------
@@ -436,10 +443,20 @@ class ByteLevelBPE:
             self._cache[pretoken] = ids
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``: special tokens (longest first), then BPE on each pre-token."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``: special tokens (longest first), then BPE on each pre-token.
+
+        ``add_special_tokens`` exists for the interface of ``labkit.tokenizers`` and Hugging
+        Face (``labkit.generation`` passes ``False``); this tokenizer wraps nothing around a
+        text, so ``True`` raises ValueError.
+        """
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        if add_special_tokens:
+            raise ValueError(
+                "ByteLevelBPE adds no <bos>/<eos> around a text; write the special tokens into "
+                "the text (e.g. text + '<|endoftext|>') or append eos_id yourself"
+            )
         ids: list[int] = []
         for piece, special in _split_specials(text, self._specials):
             if special:
@@ -479,8 +496,14 @@ class ByteLevelBPE:
                 return cut
         return 0
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """The text of ``ids``; bytes that are not valid UTF-8 (a cut sequence) become U+FFFD."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; bytes that are not valid UTF-8 (a cut sequence) become U+FFFD.
+
+        ``skip_special_tokens`` leaves the special tokens out (as ``labkit.generation`` asks).
+        """
+        if skip_special_tokens:
+            special_ids = set(self.special_tokens.values())
+            ids = [i for i in ids if int(i) not in special_ids]
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

@@ -156,6 +156,53 @@ def test_special_tokens_longest_first_and_never_split(trained):
     assert eot not in partial and trained.decode(partial) == "<|endoftext|"
 
 
+def test_interface_shared_with_labkit_tokenizers(trained):
+    """What labkit.generation and labkit.data.to_lm_blocks call on a tokenizer."""
+    eot = trained.special_tokens["<|endoftext|>"]
+    assert trained.eos_id == eot
+    ids = trained.encode("to be<|endoftext|>", add_special_tokens=False)
+    assert ids[-1] == eot and trained.decode(ids, skip_special_tokens=True) == "to be"
+    assert trained.decode(ids) == "to be<|endoftext|>"
+    with pytest.raises(ValueError, match="adds no <bos>/<eos>"):
+        trained.encode("x", add_special_tokens=True)
+    assert ByteLevelBPE.train("ab ab", 300).eos_id is None
+
+
+def test_to_lm_blocks_and_generate_take_a_byte_level_bpe(trained):
+    import torch
+    from datasets import Dataset
+
+    from labkit.data import to_lm_blocks
+    from labkit.generation import GenerationConfig, generate
+    from labkit.models.gpt import GPT, GPTConfig
+
+    texts = Dataset.from_dict({"text": ["To be, or not to be.", "That is the question."]})
+    blocks = to_lm_blocks(texts, trained, block_size=4, add_eos=True)
+    rows = blocks[:]  # {"input_ids": (n, 4), "labels": (n, 4)}
+    flat = [*rows["input_ids"].flatten().tolist(), rows["labels"][-1, -1].item()]
+    assert (
+        flat
+        == [*trained.encode("To be, or not to be.<|endoftext|>That is the question.")][: len(flat)]
+    )
+    eos = trained.eos_id
+    config = GPTConfig(
+        vocab_size=trained.vocab_size,
+        max_len=16,
+        n_layers=1,
+        n_heads=2,
+        d_model=16,
+        bos_id=eos,
+        eos_id=eos,
+    )
+    torch.manual_seed(0)
+    out = generate(
+        GPT(config).eval(), ["To be"], tokenizer=trained, config=GenerationConfig(max_new_tokens=3)
+    )
+    assert out.sequences[0, : len(trained.encode("To be"))].tolist() == trained.encode("To be")
+    new = [i for i in out.new_tokens[0].tolist() if i != eos]
+    assert out.text[0] == trained.decode(new)
+
+
 def test_encode_iterable_equals_encode_on_a_file(trained, tiny_shakespeare, tmp_path):
     text = (
         tiny_shakespeare[:60_000]
