@@ -215,7 +215,7 @@ def test_encode_iterable_equals_encode_on_a_file(trained, tiny_shakespeare, tmp_
     with open(path, encoding="utf-8") as f:
         streamed = list(trained.encode_iterable(f))
     assert streamed == trained.encode(text)
-    # pieces cut anywhere, even inside a special token or a multi-byte character's string
+    # pieces cut anywhere, even inside a special token or a run of spaces
     rng = random.Random(0)
     cuts = sorted(rng.sample(range(1, len(text)), 500))
     pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
