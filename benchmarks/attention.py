@@ -17,8 +17,8 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from labkit.attention import LinformerSelfAttention, MultiHeadAttention, NystromSelfAttention
 from labkit.device import get_device
+from labkit.nn import LinformerSelfAttention, MultiHeadAttention, NystromSelfAttention
 
 
 def _variants(d_model: int, n_heads: int, seq_len: int, rank: int) -> dict[str, tuple]:

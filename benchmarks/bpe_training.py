@@ -24,8 +24,8 @@ import platform
 import resource
 import time
 
-from labkit.bpe import GPT2_PATTERN, ByteLevelBPE, count_pretokens, str_to_token, train_merges
 from labkit.data import shakespeare_texts
+from labkit.data.bpe import GPT2_PATTERN, ByteLevelBPE, count_pretokens, str_to_token, train_merges
 
 
 def cpu_seconds() -> float:

@@ -77,7 +77,7 @@ def load_setup(name: str, device: torch.device, eval_chars: int) -> Setup:
         eval_ids = torch.tensor(list(text.encode()))
         model, tokenizer = Llama.from_hf(reference), None
     else:
-        from labkit.pretrained import load
+        from labkit.models.pretrained import load
 
         model, tokenizer, reference = load("smollm2-135m-instruct", reference=True)
         messages = [{"role": "user", "content": PROMPT}]

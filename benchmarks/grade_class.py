@@ -24,9 +24,9 @@ from pathlib import Path
 
 import nbformat
 
-from labkit.exercises import starter_notebook
-from labkit.grade import Options, cell_key, cell_role, course_checks, course_notebooks, grade
-from labkit.sandbox import isolation
+from labkit.course.exercises import starter_notebook
+from labkit.course.grade import Options, cell_key, cell_role, course_checks, course_notebooks, grade
+from labkit.course.sandbox import isolation
 
 ROOT = Path(__file__).resolve().parents[1]
 

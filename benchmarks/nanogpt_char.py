@@ -1,6 +1,6 @@
 """nanoGPT's Shakespeare character model, CPU recipe, on nanoGPT's own corpus: labkit vs README.
 
-Trains with exactly the code path of ``labkit train char-gpt`` (``labkit.chargpt.train``) on
+Trains with exactly the code path of ``labkit train char-gpt`` (``labkit.course.chargpt.train``) on
 ``../shared/data/tinyshakespeare.txt`` (the char-rnn "tiny Shakespeare", 1,115,394 characters,
 the text behind nanoGPT's figures), then prints the validation loss, tokens per second and wall
 time next to nanoGPT's published CPU figure: "This still runs in about ~3 minutes, but gets us
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from labkit.chargpt import PRECISIONS, CharGPTSettings, sample_text, train
+from labkit.course.chargpt import PRECISIONS, CharGPTSettings, sample_text, train
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

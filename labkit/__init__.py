@@ -1,17 +1,23 @@
 """labkit: the tested components and models of Transformer Lab.
 
-Modules hold one idea each: ``attention`` (scaled dot-product and multi-head attention, masks,
-KV cache, efficient variants), ``positional`` (sinusoidal, learned, relative, rotary, ALiBi),
-``layers`` (norms, feed-forward, encoder and decoder layers), ``device`` (device, seed and
-precision helpers), ``data`` (the packaged corpora and synthetic tasks), ``tokenizers``
-(character and BPE), ``augment`` (text augmentation), ``schedules`` (learning-rate schedules),
-``train`` (the ``Trainer``), ``distributed`` (data-parallel training under ``torchrun``),
-``models`` (GPT, Llama, BERT, the encoder-decoder ``Transformer``), ``pretrained`` (real weights
-from pip packages), ``generation`` and ``inference`` (decoding, quantisation, timing), ``viz``
-(attention heatmaps, head summaries, the book-safe ``AttentionExplorer``), ``heads`` (detectors
-of recognisable attention heads), ``notebooks``, ``exercises`` and ``book`` (running the course,
-writing starter notebooks, building the book).
-Import what you need from them, e.g. ``from labkit.attention import MultiHeadAttention``.
+The library, by layer:
+
+- ``labkit.nn``: the components a learner studies (attention, masks, efficient attention,
+  positional encodings, layers, the KV cache);
+- ``labkit.models``: GPT, Llama, BERT and its heads, the encoder-decoder ``Transformer``, and
+  ``pretrained`` (real weights from pip packages);
+- ``labkit.data``: corpora, synthetic tasks, tokenizers, augmentation, opt-in Hub datasets;
+- ``labkit.train``: the ``Trainer`` and its config, schedules, losses, checkpoints, activation
+  memory and distributed training;
+- ``labkit.generation`` (decoding), ``labkit.inference`` (quantisation, memory, timing),
+  ``labkit.device`` (device, seed and precision helpers);
+- ``labkit.interp``: head statistics and detectors of recognisable heads;
+- ``labkit.viz``: heatmaps, training curves, confusion matrices, the ``AttentionExplorer``.
+
+``labkit.course`` is the course's own tooling (the ``labkit`` command, notebook runner, book
+build, exercises, the char-GPT recipe), not library. Each subpackage re-exports its public
+names, e.g. ``from labkit.nn import MultiHeadAttention``.
 """
+
 
 __version__ = "0.1.0"

@@ -42,15 +42,15 @@ def close_figures():
 @pytest.fixture(scope="module")
 def tok():
     """A character tokenizer over a short text (letters, digits, punctuation of the tests)."""
-    from labkit.tokenizers import CharTokenizer
+    from labkit.data import CharTokenizer
 
     return CharTokenizer.from_corpus(["hello world, the cat sat on the mat. 0123456789-/"])
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """``labkit.pretrained.Pretrained``: SmolLM2-135M-Instruct as labkit ``Llama`` + reference."""
-    from labkit.pretrained import load
+    """``labkit.models.Pretrained``: SmolLM2-135M-Instruct as labkit ``Llama`` + reference."""
+    from labkit.models.pretrained import load
 
     return load("smollm2-135m-instruct", reference=True)
 
@@ -58,10 +58,10 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's Hugging Face tokenizer alone, read from the packaged GGUF (a few seconds; no
-    model weights), as ``labkit.pretrained.load("smollm2-135m-instruct").tokenizer``."""
+    model weights), as ``labkit.models.pretrained.load("smollm2-135m-instruct").tokenizer``."""
     from transformers import AutoTokenizer
 
-    from labkit.pretrained import quiet_progress, smollm2_gguf
+    from labkit.models.pretrained import quiet_progress, smollm2_gguf
 
     gguf = smollm2_gguf()
     with quiet_progress():
@@ -70,8 +70,8 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def minilm():
-    """``labkit.pretrained.Pretrained``: all-MiniLM-L6-v2 as labkit ``BertEncoder`` + reference."""
-    from labkit.pretrained import load
+    """``labkit.models.Pretrained``: all-MiniLM-L6-v2 as labkit ``BertEncoder`` + reference."""
+    from labkit.models.pretrained import load
 
     return load("minilm", reference=True)
 

@@ -1,6 +1,6 @@
 """A tiny Trainer run that tests/test_distributed.py launches on one and on two processes.
 
-The same file runs both ways, which is the point of labkit.distributed::
+The same file runs both ways, which is the point of labkit.train::
 
     python tests/ddp_train_script.py OUT                                         # 1 process
     torchrun --standalone --nproc_per_node 2 tests/ddp_train_script.py OUT       # 2 processes
@@ -29,10 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from labkit.checkpoints import latest_checkpoint
-from labkit.distributed import cleanup, init_distributed
-from labkit.layers import EncoderLayer
-from labkit.train import TrainConfig, Trainer
+from labkit.nn import EncoderLayer
+from labkit.train import TrainConfig, Trainer, cleanup, init_distributed, latest_checkpoint
 
 # Shapes: N examples of T positions with D features, C classes.
 N, T, D, C = 24, 4, 16, 3

@@ -1,4 +1,4 @@
-"""labkit.attention against PyTorch's references: scaled_dot_product_attention vs
+"""labkit.nn against PyTorch's references: scaled_dot_product_attention vs
 F.scaled_dot_product_attention, MultiHeadAttention vs nn.MultiheadAttention, the KV cache vs a
 full causal pass, and the efficient variants (Linformer, Nyström) vs exact softmax attention."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.attention import (
+from labkit.nn import (
     AttentionOutput,
     KVCache,
     LinformerSelfAttention,

@@ -1,4 +1,4 @@
-"""Tests for labkit.augment: seeded, never empty, identity at p=0, synonyms only from the list;
+"""Tests for labkit.data: seeded, never empty, identity at p=0, synonyms only from the list;
 SmolLM2 paraphrases: one per text, through the chat template, reproducible for a seed."""
 
 import random
@@ -8,11 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from labkit import augment
-from labkit.augment import (
-    DEFAULT_EXAMPLES,
-    DEFAULT_INSTRUCTION,
-    DEFAULT_SYNONYMS,
+from labkit.data import (
+    augment,
     clean_paraphrase,
     load_synonyms,
     paraphrase,
@@ -22,6 +19,7 @@ from labkit.augment import (
     random_swap,
     synonym_replacement,
 )
+from labkit.data.augment import DEFAULT_EXAMPLES, DEFAULT_INSTRUCTION, DEFAULT_SYNONYMS
 from labkit.generation import GenerationConfig
 
 TEXTS = [

@@ -15,7 +15,7 @@ from labkit.models.bert import (
     hf_bert_names,
     mean_pool,
 )
-from labkit.pretrained import minilm_dir
+from labkit.models.pretrained import minilm_dir
 
 SENTENCES = [
     "A man is playing a guitar.",

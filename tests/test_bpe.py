@@ -1,4 +1,4 @@
-"""labkit.bpe.ByteLevelBPE: trained merge for merge like a brute-force reference, identical to
+"""labkit.data.bpe.ByteLevelBPE: trained merge for merge like a brute-force reference, identical to
 SmolLM2's Hugging Face tokenizer, round trips, streaming, special tokens, files and errors."""
 
 import json
@@ -9,7 +9,8 @@ from itertools import pairwise
 import pytest
 import regex
 
-from labkit.bpe import (
+from labkit.data import shakespeare_texts
+from labkit.data.bpe import (
     GPT2_PATTERN,
     GPT4_PATTERN,
     ByteLevelBPE,
@@ -17,7 +18,6 @@ from labkit.bpe import (
     bytes_to_unicode,
     count_pretokens,
 )
-from labkit.data import shakespeare_texts
 
 # ----------------------------------------------------------------------------------------------
 # A brute-force trainer: recount every pair of every pre-token before each merge

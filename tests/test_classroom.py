@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.classroom import with_nbgrader_metadata
-from labkit.exercises import starter_notebook
+from labkit.course.classroom import with_nbgrader_metadata
+from labkit.course.exercises import starter_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE = ROOT / "notebooks" / "exercises" / "ex_4_1_self_attention.ipynb"
@@ -78,7 +78,7 @@ def test_nbgrader_generate_assignment_and_autograde(tmp_path):
     from nbgrader.apps import NbGraderAPI
     from traitlets.config import Config
 
-    from labkit.classroom import NBGRADER_CONFIG
+    from labkit.course.classroom import NBGRADER_CONFIG
 
     course = with_nbgrader_metadata(nbformat.read(EXERCISE, as_version=4))
     for cell in course.cells:  # smoke mode for the test: the copy in source/ says so

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit.cli import main
+from labkit.course.cli import main
 
 
 def test_demo_passes_every_check(capsys):
@@ -181,7 +181,10 @@ def test_char_gpt_help_shows_the_nanogpt_defaults(capsys):
 
 
 def test_building_the_parser_does_not_import_torch():
-    code = "import sys, labkit.cli; labkit.cli.build_parser(); print('torch' in sys.modules)"
+    code = (
+        "import sys, labkit.course.cli; labkit.course.cli.build_parser(); "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 
@@ -226,7 +229,7 @@ def test_char_gpt_bad_flags_are_one_clear_line(tmp_path, capsys):
 
 
 def test_char_windows_pair_each_window_with_the_next_characters():
-    from labkit.chargpt import CharWindows
+    from labkit.course.chargpt import CharWindows
 
     ids = torch.arange(10)
     windows = CharWindows(ids, block_size=4)
@@ -241,8 +244,8 @@ def test_char_windows_pair_each_window_with_the_next_characters():
 
 
 def test_default_text_is_labkits_tiny_shakespeare():
-    from labkit.chargpt import load_text
-    from labkit.data import TINY_WORKS
+    from labkit.course.chargpt import load_text
+    from labkit.data.corpora import TINY_WORKS
 
     text = load_text()  # what `labkit train char-gpt` trains on without --text
     assert len(text) == 993_249 + 2 * (len(TINY_WORKS) - 1)  # the works, joined by blank lines

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from labkit import data
-from labkit.tokenizers import BPETokenizer, CharTokenizer
+from labkit.data import BPETokenizer, CharTokenizer, corpora
 
 
 def _package_dir(module: str) -> Path:
@@ -99,7 +99,7 @@ def test_shakespeare_splits_are_disjoint_chunks_with_90_5_5_fractions(complete):
     assert 0.03 < chars["test"] / sum(chars.values()) < 0.07
     for split in complete.values():  # rows in corpus order
         order = list(zip(split["work"], split["chunk"], strict=True))
-        works = list(data.SHAKESPEARE_WORKS)
+        works = list(corpora.SHAKESPEARE_WORKS)
         assert order == sorted(order, key=lambda k: (works.index(k[0]), k[1]))
 
 
@@ -232,7 +232,7 @@ def test_sentiment_csv_is_mac_roman_not_utf8():
     text = raw.decode("mac_roman")
     assert not re.search("[\x80-\x9f]", text)  # no C1 control codes, unlike a Latin-1 reading
     assert "don‰Ûªt" in text  # the CrowdFlower apostrophe, readable as such
-    assert data.SENTIMENT_ENCODING == "mac_roman"
+    assert corpora.SENTIMENT_ENCODING == "mac_roman"
 
 
 def _columns(dd):

@@ -1,4 +1,4 @@
-"""labkit.distributed: single-process behaviour, environment checks, and real 2-process runs.
+"""labkit.train: single-process behaviour, environment checks, and real 2-process runs.
 
 The launching tests start torchrun with 2 CPU processes (gloo) on this machine; every wait is
 bounded by run_torchrun's timeout, so a hang fails the test instead of blocking the suite.
@@ -18,9 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-import labkit.distributed as distributed
-from labkit.distributed import (
-    SINGLE_PROCESS,
+import labkit.train.distributed as distributed
+from labkit.train import (
     DistributedInfo,
     TorchrunError,
     all_reduce_mean,
@@ -34,6 +33,7 @@ from labkit.distributed import (
     unwrap_model,
     wrap_model,
 )
+from labkit.train.distributed import SINGLE_PROCESS
 
 TESTS = Path(__file__).resolve().parent
 TRAIN_SCRIPT = TESTS / "ddp_train_script.py"
@@ -205,8 +205,8 @@ def test_torchrun_command_runs_scripts_and_modules():
     script = torchrun_command(TRAIN_SCRIPT, 2, ["out"])
     assert script[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert script[3:] == ["--standalone", "--nproc_per_node", "2", str(TRAIN_SCRIPT), "out"]
-    module = torchrun_command("labkit.demo", 1, [])
-    assert module[-2:] == ["-m", "labkit.demo"]
+    module = torchrun_command("labkit.course.demo", 1, [])
+    assert module[-2:] == ["-m", "labkit.course.demo"]
 
 
 @pytest.mark.parametrize(
@@ -299,7 +299,7 @@ def test_interrupting_run_torchrun_stops_every_worker(tmp_path):
 
 ADOPT_SCRIPT = """
 import torch.distributed as dist
-from labkit.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from labkit.train import all_reduce_mean, barrier, cleanup, init_distributed
 
 dist.init_process_group("gloo")  # the caller's own group: labkit must use it, not replace it
 info = init_distributed("cpu")

@@ -1,7 +1,7 @@
 """The hands-on exercises: their starter versions have no solutions, and their checks can fail.
 
 ``tests/test_notebooks.py`` runs the full exercise notebooks (solutions included) in smoke
-mode and checks their conventions. This file checks ``labkit.exercises``: the starter
+mode and checks their conventions. This file checks ``labkit.course.exercises``: the starter
 notebook a learner gets keeps every task, starter and check cell but no solution cell, and a
 starter executed as shipped stops with an ``AssertionError`` in a check cell (so the checks
 really test the answers: the ``None`` starter values fail them).
@@ -12,8 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.exercises import STARTER_NOTE, starter_notebook, write_starters
-from labkit.notebooks import NotebookError, run_notebook
+from labkit.course.exercises import STARTER_NOTE, starter_notebook, write_starters
+from labkit.course.notebooks import NotebookError, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE_DIR = ROOT / "notebooks" / "exercises"

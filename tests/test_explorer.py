@@ -1,4 +1,4 @@
-"""labkit.explorer: AttentionExplorer over every labkit model, its widget and static view."""
+"""labkit.viz: AttentionExplorer over every labkit model, its widget and static view."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import explorer  # noqa: E402
 from labkit.models import (  # noqa: E402
     GPT,
     BertEncoder,
@@ -21,6 +20,7 @@ from labkit.models import (  # noqa: E402
     Llama,
     Transformer,
 )
+from labkit.viz import explorer  # noqa: E402
 
 CDN = re.compile(r"cdn|unpkg|jsdelivr|cdnjs|require\.js|https?://(?!www\.w3\.org/2000/svg)", re.I)
 

@@ -22,21 +22,22 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from labkit import checkpoints
-from labkit.checkpoints import (
+from labkit.course.cli import main
+from labkit.train import (
     CheckpointError,
     CheckpointWriteError,
+    TrainConfig,
+    Trainer,
     checkpoint_path,
     checkpoint_step,
+    checkpoints,
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
 )
-from labkit.cli import main
-from labkit.interrupts import TrainingInterrupted
-from labkit.train import TrainConfig, Trainer
+from labkit.train.interrupts import TrainingInterrupted
 
 STEPS = 60
 CLOCK = ("time_s", "tokens_per_s")  # the only history columns allowed to differ

@@ -22,14 +22,14 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def gpt2_pair(tmp_path_factory):
-    """(labkit GPT, transformers GPT2LMHeadModel) loaded through labkit.pretrained.load.
+    """(labkit GPT, transformers GPT2LMHeadModel) loaded through labkit.models.pretrained.load.
 
     The random GPT-2 gets every parameter (LayerNorms and biases included, which GPT-2
     initialises to 1 and 0) drawn at random, so a swapped or dropped tensor cannot go unseen.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from labkit.pretrained import load
+    from labkit.models.pretrained import load
 
     hf_config = GPT2Config(
         n_layer=2,
@@ -148,7 +148,7 @@ def test_from_hf_rejects_wrong_shapes_and_unsupported_configs():
 def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
     import huggingface_hub
 
-    from labkit.pretrained import PretrainedUnavailableError, load
+    from labkit.models.pretrained import PretrainedUnavailableError, load
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

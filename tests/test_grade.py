@@ -19,9 +19,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from labkit import sandbox
-from labkit.exercises import starter_notebook
-from labkit.grade import (
+from labkit.course import sandbox
+from labkit.course.exercises import starter_notebook
+from labkit.course.grade import (
     Options,
     collect_submissions,
     course_checks,
@@ -387,7 +387,7 @@ def test_hostile_class(tmp_path, course, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_cell_timeout_interrupts_one_cell(tmp_path, course, capsys):
-    from labkit.cli import main
+    from labkit.course.cli import main
 
     _require_bwrap()
     path = tmp_path / f"dave_{EXERCISE}.ipynb"
@@ -404,7 +404,7 @@ def test_cli_cell_timeout_interrupts_one_cell(tmp_path, course, capsys):
 
 
 def test_cli_rejects_bad_input(tmp_path, course, capsys):
-    from labkit.cli import main
+    from labkit.course.cli import main
 
     assert main(["grade", str(tmp_path / "nope.ipynb"), "--out", str(tmp_path / "o"),
                  "--course", str(course)]) == 2  # fmt: skip

@@ -1,4 +1,4 @@
-"""labkit.heads: pattern scores on hand-built attention maps, and the head finder."""
+"""labkit.interp: pattern scores on hand-built attention maps, and the head finder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import heads
+from labkit.interp import heads
 
 
 def causal_uniform(t):

@@ -1,4 +1,4 @@
-"""labkit.layers against PyTorch: norms, feed-forward, encoder and decoder layers.
+"""labkit.nn against PyTorch: norms, feed-forward, encoder and decoder layers.
 
 Every layer is compared with its PyTorch reference after copying weights, in eval mode (or
 with dropout 0), to 1e-5. The structural claims of the module docstring are checked too:
@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.attention import causal_mask, padding_mask
-from labkit.layers import (
+from labkit.nn import (
     DecoderLayer,
     DecoderLayerCache,
     EncoderLayer,
@@ -22,8 +21,10 @@ from labkit.layers import (
     LayerNorm,
     LayerOutput,
     RMSNorm,
+    RotaryEmbedding,
+    causal_mask,
+    padding_mask,
 )
-from labkit.positional import RotaryEmbedding
 
 ATOL = 1e-5
 

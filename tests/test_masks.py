@@ -1,10 +1,10 @@
-"""Mask builders of labkit.attention: every pattern checked entry by entry (True = may attend)."""
+"""Mask builders of labkit.nn: every pattern checked entry by entry (True = may attend)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from labkit.attention import (
+from labkit.nn import (
     block_sparse_mask,
     causal_mask,
     longformer_mask,

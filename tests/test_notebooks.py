@@ -3,7 +3,7 @@
 Every ``notebooks/NN_topic.ipynb`` and every exercise notebook ``notebooks/exercises/ex_*.ipynb``
 is executed with papermill in smoke mode (``SMOKE=True``, kernel ``python3``, working directory
 the notebook's folder); a failing cell fails its test with the cell's source and traceback.
-The executed copy is kept in ``build/executed/smoke/`` (labkit.book.executed_path), where the
+The executed copy is kept in ``build/executed/smoke/`` (labkit.course.book.executed_path), where the
 book build (``tests/test_book.py``, run after these tests) reuses it instead of executing the
 notebook a second time. Each notebook's wall time is printed in a table at the end of the
 session (run without ``-n``: under pytest-xdist the table lives in the workers, but
@@ -24,8 +24,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.book import EXERCISE_GLOB, executed_path
-from labkit.notebooks import (
+from labkit.course.book import EXERCISE_GLOB, executed_path
+from labkit.course.notebooks import (
     NOTEBOOK_GLOB,
     SMOKE_BANNER,
     NotebookError,
@@ -167,7 +167,7 @@ def test_smoke_banner_follows_the_parameters(path: Path):
     source = cells[index].source if index < len(cells) else ""
     assert cells[index].cell_type == "code" and "smoke_banner(SMOKE" in source, (
         f"{path.name}: the cell after the parameters cell must call smoke_banner(SMOKE, SEED) "
-        "(from labkit.notebooks), so a smoke-built page says so at the top"
+        "(from labkit.course.notebooks), so a smoke-built page says so at the top"
     )
 
 

@@ -1,4 +1,4 @@
-"""Tests for labkit.positional: each encoding against a plain formula or the transformers code.
+"""Tests for labkit.nn: each encoding against a plain formula or the transformers code.
 
 References: a per-element math loop (sinusoidal), Hugging Face T5 (relative buckets and bias),
 Llama (rotary) and BLOOM (ALiBi slopes), all built from tiny configs, nothing downloaded.
@@ -15,7 +15,7 @@ from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from labkit.positional import (
+from labkit.nn import (
     ALiBi,
     LearnedPositionalEmbedding,
     RelativePositionBias,

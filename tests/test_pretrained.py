@@ -1,9 +1,9 @@
-"""labkit.pretrained's loaders stay quiet: no tqdm bar (a dead widget in the static book)."""
+"""labkit.models.pretrained's loaders stay quiet: no tqdm bar (a dead widget in the static book)."""
 
 from transformers import modeling_gguf_pytorch_utils as gguf_utils
 from transformers.utils import logging as hf_logging
 
-from labkit.pretrained import quiet_progress
+from labkit.models.pretrained import quiet_progress
 
 
 def test_quiet_progress_disables_every_bar_and_restores_them():

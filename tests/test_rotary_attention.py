@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from labkit.attention import KVCache, MultiHeadAttention
-from labkit.positional import RotaryEmbedding
+from labkit.nn import KVCache, MultiHeadAttention, RotaryEmbedding
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

@@ -1,4 +1,4 @@
-"""Tests for labkit.tokenizers: round trips, batching (padding, truncation, masks), save/load.
+"""Tests for labkit.data: round trips, batching (padding, truncation, masks), save/load.
 
 The corpora are the course's own (Shakespeare, tweets); the BPE tokenizer is trained once per
 module on the tiny Shakespeare training split, which takes well under a second.
@@ -9,8 +9,14 @@ import json
 import pytest
 import torch
 
-from labkit.data import load_sentiment, load_shakespeare
-from labkit.tokenizers import SPECIAL_TOKENS, BPETokenizer, CharTokenizer, load_tokenizer
+from labkit.data import (
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    CharTokenizer,
+    load_sentiment,
+    load_shakespeare,
+    load_tokenizer,
+)
 
 ODD_TEXTS = [
     "Emoji 😀🚗👩‍💻 and flags 🇬🇧",

@@ -1,4 +1,4 @@
-"""labkit.train and labkit.schedules: every promise of the training loop, on tiny CPU models.
+"""labkit.train and labkit.train: every promise of the training loop, on tiny CPU models.
 
 The model is an embedding, one or more causal labkit EncoderLayers and a linear head; the task
 is counting (the next token is the current one plus 1, mod V), which it learns in a few steps.
@@ -18,21 +18,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import labkit.train as train_module
-from labkit.layers import EncoderLayer
-from labkit.schedules import constant_lr, cosine_lr, noam_lr
+import labkit.train.trainer as train_module
+from labkit.nn import EncoderLayer
 from labkit.train import (
     IGNORE_INDEX,
     TrainConfig,
     Trainer,
     accuracy,
     checkpoint_path,
+    constant_lr,
+    cosine_lr,
     cross_entropy_sum,
     enable_activation_checkpointing,
     latest_checkpoint,
     list_checkpoints,
     make_optimizer,
     make_scheduler,
+    noam_lr,
     param_groups,
     plot_history,
     saved_activation_bytes,

@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.data import make_sequence_task
-from labkit.layers import DecoderLayer, EncoderLayer
+from labkit.data import CharTokenizer, make_sequence_task
 from labkit.models.base import EncoderDecoderCache
 from labkit.models.transformer import Seq2SeqOutput, Transformer, TransformerConfig
-from labkit.positional import sinusoidal_table
-from labkit.tokenizers import CharTokenizer
+from labkit.nn import DecoderLayer, EncoderLayer, sinusoidal_table
 from labkit.train import IGNORE_INDEX, accuracy
 
 ATOL = 1e-5

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from labkit import viz  # noqa: E402
+from labkit import interp, viz  # noqa: E402
 
 CDN = re.compile(r"cdn|unpkg|jsdelivr|cdnjs|require\.js|https?://(?!www\.w3\.org/2000/svg)", re.I)
 
@@ -149,7 +149,7 @@ def test_exported_html_inlines_plotly_js_once(tmp_path: Path):
     import nbformat
     from nbconvert import HTMLExporter
 
-    from labkit.notebooks import export_html
+    from labkit.course.notebooks import export_html
 
     cells = [nbformat.v4.new_markdown_cell("# two figures")]
     for div_id in ("nb-test-a", "nb-test-b"):
@@ -217,17 +217,17 @@ def test_compare_heatmaps_interactive_shares_coloraxis():
 def test_entropy_uniform_is_log_k_and_one_hot_is_zero():
     k = 7
     uniform = np.full((3, 5, k), 1 / k)  # (H, q, k)
-    assert np.allclose(viz.head_entropy(uniform), math.log(k))
+    assert np.allclose(interp.head_entropy(uniform), math.log(k))
     one_hot = np.zeros((2, 5, k))
     one_hot[..., 3] = 1
-    assert np.allclose(viz.head_entropy(one_hot), 0.0)
-    assert viz.head_entropy(np.full((4, 2, 5, k), 1 / k)).shape == (4, 2)
+    assert np.allclose(interp.head_entropy(one_hot), 0.0)
+    assert interp.head_entropy(np.full((4, 2, 5, k), 1 / k)).shape == (4, 2)
 
 
 def test_entropy_query_mask():
     w = np.stack([np.full(4, 0.25), np.eye(4)[0]])  # (2 queries, 4 keys)
-    assert viz.head_entropy(w, query_mask=[True, False]) == pytest.approx(math.log(4))
-    assert viz.head_entropy(w, query_mask=[False, True]) == pytest.approx(0.0)
+    assert interp.head_entropy(w, query_mask=[True, False]) == pytest.approx(math.log(4))
+    assert interp.head_entropy(w, query_mask=[False, True]) == pytest.approx(0.0)
 
 
 def test_mean_attention_distance():
@@ -235,26 +235,26 @@ def test_mean_attention_distance():
     prev = np.zeros((t, t))
     prev[0, 0] = 1
     prev[np.arange(1, t), np.arange(t - 1)] = 1
-    assert viz.mean_attention_distance(prev) == pytest.approx((t - 1) / t)
-    assert viz.mean_attention_distance(np.eye(t)) == pytest.approx(0.0)
+    assert interp.mean_attention_distance(prev) == pytest.approx((t - 1) / t)
+    assert interp.mean_attention_distance(np.eye(t)) == pytest.approx(0.0)
     first = np.zeros((t, t))
     first[:, 0] = 1
-    assert viz.mean_attention_distance(first) == pytest.approx(np.mean(np.arange(t)))
+    assert interp.mean_attention_distance(first) == pytest.approx(np.mean(np.arange(t)))
     # a KV cache: 2 new queries over 5 keys sit at positions 3 and 4
     cached = np.zeros((2, 5))
     cached[:, 0] = 1
-    assert viz.mean_attention_distance(cached) == pytest.approx(3.5)
+    assert interp.mean_attention_distance(cached) == pytest.approx(3.5)
 
 
 def test_head_summary_and_figure():
     atts = [torch.softmax(torch.randn(2, 3, 5, 5), -1) for _ in range(4)]  # 4 layers, B=2, H=3
-    table = viz.head_summary(atts)
+    table = interp.head_summary(atts)
     assert list(table.columns) == ["layer", "head", "entropy", "distance"] and len(table) == 12
-    assert np.isclose(table.entropy.iloc[4], viz.head_entropy(atts[1][0, 1].numpy()))
+    assert np.isclose(table.entropy.iloc[4], interp.head_entropy(atts[1][0, 1].numpy()))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    masked = viz.head_summary(atts, attention_mask=mask)
+    masked = interp.head_summary(atts, attention_mask=mask)
     assert np.isclose(
-        masked.distance.iloc[0], viz.mean_attention_distance(atts[0][0, 0, :3, :3].numpy())
+        masked.distance.iloc[0], interp.mean_attention_distance(atts[0][0, 0, :3, :3].numpy())
     )
     fig = viz.head_summary_figure(atts, title="entropy")
     assert [a.get_xlabel() for a in fig.axes[:2]] == ["head", "head"]
@@ -262,25 +262,26 @@ def test_head_summary_and_figure():
     pfig = viz.head_summary_figure(atts, interactive=True, div_id="hs")
     assert len(pfig.data) == 2
     with pytest.raises(ValueError, match="need_weights"):
-        viz.head_summary([None, None])
+        interp.head_summary([None, None])
 
 
 def test_rollout_rows_sum_to_one_and_identity_chain():
     atts = [torch.softmax(torch.randn(1, 2, 6, 6), -1) for _ in range(3)]
-    r = viz.attention_rollout(atts)
+    r = interp.attention_rollout(atts)
     assert r.shape == (6, 6) and np.allclose(r.sum(-1), 1.0)
     # identity attention in every layer -> identity rollout
     eye = [torch.eye(4).expand(1, 2, 4, 4) for _ in range(3)]
-    assert np.allclose(viz.attention_rollout(eye), np.eye(4))
-    assert np.allclose(viz.attention_rollout(eye, add_residual=False), np.eye(4))
+    assert np.allclose(interp.attention_rollout(eye), np.eye(4))
+    assert np.allclose(interp.attention_rollout(eye, add_residual=False), np.eye(4))
     # without the residual it is the plain product A3 A2 A1 of head-averaged maps
     mean = [a[0].mean(0).numpy() for a in atts]
-    assert np.allclose(viz.attention_rollout(atts, add_residual=False), mean[2] @ mean[1] @ mean[0])
+    rollout = interp.attention_rollout(atts, add_residual=False)
+    assert np.allclose(rollout, mean[2] @ mean[1] @ mean[0])
     # with it, each factor is 0.5 A + 0.5 I
     half = [0.5 * m + 0.5 * np.eye(6) for m in mean]
     assert np.allclose(r, half[2] @ half[1] @ half[0])
     with pytest.raises(ValueError, match="square"):
-        viz.attention_rollout([torch.softmax(torch.randn(1, 2, 3, 5), -1)])
+        interp.attention_rollout([torch.softmax(torch.randn(1, 2, 3, 5), -1)])
 
 
 # --- training curves and confusion matrices ------------------------------------------------------

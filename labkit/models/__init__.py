@@ -8,6 +8,8 @@
 Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
 smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
 ``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches).
+``pretrained.py`` loads real weights from pip-installed packages into them
+(``load("minilm")``, ``load("smollm2-135m-instruct")``, ``load_gpt2(path_or_hub_id)``).
 """
 
 from labkit.models.base import CausalLMOutput, EncoderDecoderCache, ModelCache
@@ -23,6 +25,14 @@ from labkit.models.bert import (
 )
 from labkit.models.gpt import GPT, GPTConfig
 from labkit.models.llama import Llama, LlamaConfig
+from labkit.models.pretrained import (
+    Pretrained,
+    PretrainedUnavailableError,
+    load,
+    load_gpt2,
+    load_minilm,
+    load_smollm2,
+)
 from labkit.models.transformer import Seq2SeqOutput, Transformer, TransformerConfig
 
 __all__ = [
@@ -39,9 +49,15 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "ModelCache",
+    "Pretrained",
+    "PretrainedUnavailableError",
     "Seq2SeqOutput",
     "Transformer",
     "TransformerConfig",
     "best_span",
+    "load",
+    "load_gpt2",
+    "load_minilm",
+    "load_smollm2",
     "mean_pool",
 ]

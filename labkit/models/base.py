@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from labkit.attention import KVCache
-from labkit.layers import DecoderLayerCache
+from labkit.nn.attention import KVCache
+from labkit.nn.layers import DecoderLayerCache
 
 
 class CausalLMOutput(NamedTuple):

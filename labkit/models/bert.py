@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.layers import EncoderLayer, LayerNorm
 from labkit.models.base import check_input_ids, key_padding_mask
-from labkit.positional import LearnedPositionalEmbedding
+from labkit.nn.layers import EncoderLayer, LayerNorm
+from labkit.nn.positional import LearnedPositionalEmbedding
 
 # ----------------------------------------------------------------------------------------------
 # Configuration

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from labkit.layers import EncoderLayer, LayerNorm
 from labkit.models.base import (
     CausalLMOutput,
     ModelCache,
@@ -44,7 +43,8 @@ from labkit.models.base import (
     key_padding_mask,
     positions_from_mask,
 )
-from labkit.positional import LearnedPositionalEmbedding
+from labkit.nn.layers import EncoderLayer, LayerNorm
+from labkit.nn.positional import LearnedPositionalEmbedding
 
 if TYPE_CHECKING:
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from labkit.layers import EncoderLayer, RMSNorm
 from labkit.models.base import (
     CausalLMOutput,
     ModelCache,
@@ -39,7 +38,8 @@ from labkit.models.base import (
     key_padding_mask,
     positions_from_mask,
 )
-from labkit.positional import RotaryEmbedding, apply_rotary
+from labkit.nn.layers import EncoderLayer, RMSNorm
+from labkit.nn.positional import RotaryEmbedding, apply_rotary
 
 
 @dataclass

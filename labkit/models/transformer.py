@@ -41,7 +41,6 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from labkit.layers import DecoderLayer, EncoderLayer, LayerNorm
 from labkit.models.base import (
     EncoderDecoderCache,
     check_input_ids,
@@ -49,7 +48,8 @@ from labkit.models.base import (
     key_padding_mask,
     positions_from_mask,
 )
-from labkit.positional import SinusoidalPositionalEncoding
+from labkit.nn.layers import DecoderLayer, EncoderLayer, LayerNorm
+from labkit.nn.positional import SinusoidalPositionalEncoding
 
 # ---------------------------------------------------------------------------------------------
 # Configuration

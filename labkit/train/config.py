@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from labkit.schedules import constant_lr, cosine_lr, noam_lr
+from labkit.train.schedules import constant_lr, cosine_lr, noam_lr
 
 SCHEDULES = ("constant", "cosine", "noam")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -48,7 +48,7 @@ class TrainConfig:
         weight_decay: AdamW's decoupled decay, for weight matrices only (see ``param_groups``).
         betas, eps: AdamW's moment decay rates and denominator guard (the paper: (0.9, 0.98), 1e-9).
         schedule: ``"constant"``, ``"cosine"`` (warm-up, then cosine down to ``min_lr``) or
-            ``"noam"`` (needs ``d_model``); see ``labkit.schedules``.
+            ``"noam"`` (needs ``d_model``); see ``labkit.train``.
         warmup_steps, min_lr, d_model: the schedule's w, lr_min and model width.
         grad_clip: clip the global gradient norm to this; None = no clipping (the norm is
             still measured and recorded).

@@ -618,8 +618,8 @@ class ByteLevelBPE:
         regex and added (special) tokens.
 
         ``tokenizer`` is a ``tokenizers.Tokenizer`` or a ``transformers`` fast tokenizer (e.g.
-        ``labkit.pretrained.load("smollm2-135m-instruct").tokenizer``). What this class cannot
-        reproduce (a normalizer, a prefix space, byte fallback, other models) raises ValueError.
+        ``labkit.models.pretrained.load("smollm2-135m-instruct").tokenizer``). What this class
+        cannot reproduce (a normalizer, a prefix space, byte fallback, other models) raises ValueError.
         """
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "to_str"):

@@ -14,8 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from labkit.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
 from labkit.device import get_device, seed_everything
+from labkit.nn.attention import (
+    KVCache,
+    MultiHeadAttention,
+    causal_mask,
+    scaled_dot_product_attention,
+)
 
 WORDS = ["the", "cat", "sat", "down"]  # labels for 4 positions; the vectors are random
 

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from labkit.viz import attention_heatmap
+from labkit.viz.heatmaps import attention_heatmap
 
 __all__ = ["AttentionExplorer", "display_token", "model_kind"]
 
@@ -108,7 +108,7 @@ class _TokenizerAdapter:
     """One interface over labkit tokenizers, Hugging Face tokenizers and no tokenizer (ids)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from labkit.tokenizers import Tokenizer
+        from labkit.data.tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
         self.is_labkit = isinstance(tokenizer, Tokenizer)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.attention import AttentionOutput, KVCache, MultiHeadAttention
+from labkit.nn.attention import AttentionOutput, KVCache, MultiHeadAttention
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layer", "rms")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from labkit.layers import DecoderLayer, EncoderLayer
+from labkit.nn.layers import DecoderLayer, EncoderLayer
 
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:

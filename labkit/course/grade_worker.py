@@ -1,7 +1,7 @@
 """Execute one prepared submission inside the sandbox and report each cell as it finishes.
 
-``labkit grade`` starts ``python -m labkit.grade_worker NOTEBOOK ...`` through
-:func:`labkit.sandbox.run_sandboxed`. The worker runs the notebook with nbclient (the engine
+``labkit grade`` starts ``python -m labkit.course.grade_worker NOTEBOOK ...`` through
+:func:`labkit.course.sandbox.run_sandboxed`. The worker runs the notebook with nbclient (the engine
 papermill and nbgrader use) and keeps going after a failing cell, so one wrong task costs only
 its own checks. It writes one JSON line per event to its stdout, which only the grader reads:
 
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labkit.grade_worker")
+    parser = argparse.ArgumentParser(prog="python -m labkit.course.grade_worker")
     parser.add_argument("notebook")
     parser.add_argument("--kernel", default="python3")
     parser.add_argument("--cell-timeout", type=int, default=600)

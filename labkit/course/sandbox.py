@@ -15,7 +15,7 @@ What one sandboxed run gets, and how:
 - **an allow-list environment**: only the variables in :data:`ENV_ALLOW` (locale, ``PATH``,
   ``PYTHONPATH``, thread counts, offline flags) and those named by the caller; nothing else of
   the grader's environment (tokens, keys) is passed on;
-- **resource limits** (``resource`` rlimits), set by :mod:`labkit.grade_worker` on the kernel
+- **resource limits** (``resource`` rlimits), set by :mod:`labkit.course.grade_worker` on the kernel
   that runs the student's code: address space (memory), CPU time, size of any file written.
 
 The isolation comes from bubblewrap (``bwrap``, Debian package ``bubblewrap``). Without it

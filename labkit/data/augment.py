@@ -5,7 +5,7 @@ Three of the four "easy data augmentation" operations of Wei & Zou (2019), word-
 - ``random_deletion``: drop each word with probability ``p`` (never all of them);
 - ``random_swap``: with probability ``p`` per word, swap it with another random word;
 - ``synonym_replacement``: with probability ``p`` per word that has synonyms, replace it with
-  one drawn from a synonym list (the course's ``data/synonyms.txt`` by default).
+  one drawn from a synonym list (by default ``labkit/data/synonyms.txt``, package data).
 
 Words are the whitespace-separated pieces of the text, and an augmented text joins them with
 single spaces. Every function takes a ``rng``, a ``random.Random`` or an int seed, so the same
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch and the model are imported only when paraphrase runs
 
     from labkit.generation import GenerationConfig
 
-DEFAULT_SYNONYMS = Path(__file__).resolve().parent.parent / "data" / "synonyms.txt"
+DEFAULT_SYNONYMS = Path(__file__).resolve().parent / "synonyms.txt"  # package data
 
 _WORD_CORE = re.compile(r"^(\W*)(.*?)(\W*)$")  # leading punctuation, word, trailing punctuation
 
@@ -93,8 +93,8 @@ def load_synonyms(path: str | Path = DEFAULT_SYNONYMS) -> dict[str, tuple[str, .
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no synonym file at {str(path)!r} (the course's list is data/synonyms.txt in the "
-            "repository; pass synonyms=... to use your own)"
+            f"no synonym file at {str(path)!r} (the course's list ships with labkit as "
+            "labkit/data/synonyms.txt; pass synonyms=... to use your own)"
         )
     groups: dict[str, set[str]] = {}
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -229,7 +229,7 @@ def clean_paraphrase(generated: str, original: str) -> str:
 
 @functools.cache
 def _default_smollm2() -> tuple[nn.Module, Any]:
-    from labkit.pretrained import load
+    from labkit.models.pretrained import load
 
     pretrained = load("smollm2-135m-instruct")  # ~20 s or more: once per process
     return pretrained.model, pretrained.tokenizer
@@ -249,9 +249,9 @@ def paraphrase(
     """One paraphrase per text, written by SmolLM2-135M-Instruct (see the module docstring for
     how loose they are).
 
-    model: a ``labkit.pretrained.Pretrained`` (its tokenizer is used), or a labkit decoder-only
-        model together with ``tokenizer``; None loads SmolLM2-135M-Instruct once per process
-        (kept for later calls). Load it yourself to choose its device.
+    model: a ``labkit.models.pretrained.Pretrained`` (its tokenizer is used), or a labkit
+        decoder-only model together with ``tokenizer``; None loads SmolLM2-135M-Instruct once per
+        process (kept for later calls). Load it yourself to choose its device.
     config: how to decode, default ``paraphrase_config()`` (nucleus sampling at temperature
         0.5); pass e.g. ``GenerationConfig.preset("greedy", max_new_tokens=48)`` for the single
         most likely paraphrase.
@@ -266,7 +266,7 @@ def paraphrase(
     original, the original itself when the model produced nothing usable.
     """
     from labkit.generation import generate
-    from labkit.pretrained import Pretrained
+    from labkit.models.pretrained import Pretrained
 
     if isinstance(texts, str):
         raise ValueError("texts must be a list of strings, got a single str; wrap it: [text]")
@@ -280,8 +280,8 @@ def paraphrase(
         model, tokenizer = model.model, tokenizer or model.tokenizer
     if (model is None) != (tokenizer is None):
         raise ValueError(
-            "pass both model and tokenizer, a labkit.pretrained.Pretrained as model, or neither "
-            "(to load SmolLM2-135M-Instruct)"
+            "pass both model and tokenizer, a labkit.models.pretrained.Pretrained as model, or "
+            "neither (to load SmolLM2-135M-Instruct)"
         )
     if not texts:
         return []

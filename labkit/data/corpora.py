@@ -10,9 +10,8 @@ machine and Python version, so the same seed gives the same splits everywhere.
   tokenizer into ``(input_ids, labels)`` blocks for next-token prediction.
 - ``load_sentiment``: 37,197 distinct labelled tweets (negative/neutral/positive), or the
   binary negative/positive view.
-- ``make_sequence_task`` (copy, reverse, sort), ``make_addition_task``, ``make_date_task``:
-  synthetic sequence-to-sequence tasks of chosen size and difficulty.
-- ``load_hub_dataset``: opt-in SST-2 or IMDb from the Hugging Face Hub, online only.
+
+Synthetic tasks are in ``labkit.data.tasks``, the opt-in Hub datasets in ``labkit.data.hub``.
 
 A character-level language-modelling set in four lines::
 
@@ -25,23 +24,18 @@ A character-level language-modelling set in four lines::
 from __future__ import annotations
 
 import csv
-import datetime
 import importlib.util
-import os
 import random
 import re
-import socket
-import threading
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from labkit.tokenizers import Tokenizer
+from labkit.data.tokenizers import Tokenizer
 
 SPLITS = ("train", "validation", "test")
 
@@ -452,250 +446,3 @@ def load_sentiment(
             features=features,
         )
     return DatasetDict(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic sequence-to-sequence tasks
-# ---------------------------------------------------------------------------------------------
-
-
-def _synthetic_splits(
-    sample: Callable[[random.Random], tuple[str, str]],
-    space: int,
-    num_examples: int,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> DatasetDict:
-    """Draw num_examples distinct sources, then split them: no source is in two splits."""
-    if num_examples < 1:
-        raise ValueError(f"num_examples must be at least 1, got {num_examples}")
-    if num_examples > space:
-        raise ValueError(
-            f"num_examples={num_examples} but these settings allow only {space} distinct "
-            "sources: widen the lengths, digits, years or alphabet"
-        )
-    _check_fractions(val_fraction, test_fraction)
-    rng = random.Random(seed)
-    examples: dict[str, str] = {}
-    while len(examples) < num_examples:
-        source, target = sample(rng)
-        examples.setdefault(source, target)
-    pairs = list(examples.items())
-    splits = _split_indices([0] * len(pairs), val_fraction, test_fraction, seed)
-    features = Features({"source": Value("string"), "target": Value("string")})
-    return DatasetDict(
-        {
-            name: Dataset.from_dict(
-                {"source": [pairs[i][0] for i in idx], "target": [pairs[i][1] for i in idx]},
-                features=features,
-            )
-            for name, idx in splits.items()
-        }
-    )
-
-
-SEQUENCE_TASKS: dict[str, Callable[[str], str]] = {
-    "copy": lambda s: s,  # "dbca" -> "dbca"
-    "reverse": lambda s: s[::-1],  # "dbca" -> "acbd"
-    "sort": lambda s: "".join(sorted(s)),  # "dbca" -> "abcd"
-}
-
-
-def make_sequence_task(
-    task: str,
-    num_examples: int = 10_000,
-    *,
-    min_len: int = 1,
-    max_len: int = 10,
-    alphabet: str = "abcdefghijklmnopqrstuvwxyz",
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-) -> DatasetDict:
-    """``source`` a random string, ``target`` its copy, reversal or sorted symbols.
-
-    ``task`` is ``"copy"`` ("dbca" -> "dbca"), ``"reverse"`` ("dbca" -> "acbd") or ``"sort"``
-    ("dbca" -> "abcd", code-point order). Difficulty: the length, drawn uniformly from
-    ``[min_len, max_len]`` (short lengths with few distinct strings run out first, so they end
-    up rarer), and the alphabet size. Split 80/10/10 by default; every source is distinct,
-    so none is in two splits.
-    """
-    if task not in SEQUENCE_TASKS:
-        raise ValueError(f"task must be one of {list(SEQUENCE_TASKS)}, got {task!r}")
-    if not 1 <= min_len <= max_len:
-        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
-    if not alphabet or len(set(alphabet)) != len(alphabet):
-        raise ValueError(f"alphabet must be non-empty with no repeated symbol, got {alphabet!r}")
-    transform = SEQUENCE_TASKS[task]
-
-    def sample(rng: random.Random) -> tuple[str, str]:
-        source = "".join(rng.choices(alphabet, k=rng.randint(min_len, max_len)))
-        return source, transform(source)
-
-    space = sum(len(alphabet) ** n for n in range(min_len, max_len + 1))
-    return _synthetic_splits(sample, space, num_examples, seed, val_fraction, test_fraction)
-
-
-def _count_numbers(min_digits: int, max_digits: int) -> int:
-    """How many non-negative integers have between min_digits and max_digits digits."""
-    return sum(10 if d == 1 else 9 * 10 ** (d - 1) for d in range(min_digits, max_digits + 1))
-
-
-def make_addition_task(
-    num_examples: int = 10_000,
-    *,
-    min_digits: int = 1,
-    max_digits: int = 3,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-) -> DatasetDict:
-    """``source`` "a+b", ``target`` the decimal sum: "123+45" -> "168".
-
-    Difficulty: each operand's digit count is uniform in ``[min_digits, max_digits]`` (no
-    leading zeros); longer operands mean longer carry chains.
-    """
-    if not 1 <= min_digits <= max_digits:
-        raise ValueError(
-            "need 1 <= min_digits <= max_digits, got "
-            f"min_digits={min_digits}, max_digits={max_digits}"
-        )
-
-    def operand(rng: random.Random) -> int:
-        digits = rng.randint(min_digits, max_digits)
-        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-    def sample(rng: random.Random) -> tuple[str, str]:
-        a, b = operand(rng), operand(rng)
-        return f"{a}+{b}", str(a + b)
-
-    space = _count_numbers(min_digits, max_digits) ** 2
-    return _synthetic_splits(sample, space, num_examples, seed, val_fraction, test_fraction)
-
-
-# English names written out: calendar.month_name and strftime("%B") follow the machine's locale.
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-)  # fmt: skip
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-
-
-def _ordinal(day: int) -> str:
-    """1 -> "1st", 2 -> "2nd", 3 -> "3rd", 11 -> "11th", 22 -> "22nd"."""
-    suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
-    return f"{day}{suffix}"
-
-
-DATE_FORMATS: dict[str, Callable[[datetime.date], str]] = {
-    "long": lambda d: f"{_MONTHS[d.month - 1]} {_ordinal(d.day)}, {d.year}",  # March 3rd, 1999
-    "short": lambda d: f"{_MONTHS[d.month - 1][:3]} {d.day}, {d.year}",  # Mar 3, 1999
-    "day_first": lambda d: f"{d.day} {_MONTHS[d.month - 1]} {d.year}",  # 3 March 1999
-    "weekday": lambda d: (  # Wednesday, March 3, 1999
-        f"{_WEEKDAYS[d.weekday()]}, {_MONTHS[d.month - 1]} {d.day}, {d.year}"
-    ),
-    "us_numeric": lambda d: f"{d.month}/{d.day}/{d.year}",  # 3/3/1999 (month first)
-    "eu_numeric": lambda d: f"{d.day:02d}.{d.month:02d}.{d.year}",  # 03.03.1999 (day first)
-}
-
-
-def make_date_task(
-    num_examples: int = 10_000,
-    *,
-    formats: Sequence[str] = tuple(DATE_FORMATS),
-    min_year: int = 1900,
-    max_year: int = 2099,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-) -> DatasetDict:
-    """Date normalisation: ``source`` "March 3rd, 1999" -> ``target`` "1999-03-03" (ISO 8601).
-
-    Dates are uniform over the real calendar days from ``min_year`` to ``max_year`` (no 30
-    February), each written in a format drawn from ``formats`` (names in ``DATE_FORMATS``).
-    Difficulty: more formats to recognise, a wider year range. The two numeric formats differ
-    by separator (month first with "/", day first with "."), so every source has one answer.
-    The same date may appear in two splits written in different formats; a source never does.
-    """
-    unknown = [name for name in formats if name not in DATE_FORMATS]
-    if unknown or not formats:
-        raise ValueError(
-            f"formats must be a non-empty selection of {list(DATE_FORMATS)}, got {list(formats)}"
-        )
-    if not 1 <= min_year <= max_year <= 9999:
-        raise ValueError(
-            f"need 1 <= min_year <= max_year <= 9999, got min_year={min_year}, max_year={max_year}"
-        )
-    first = datetime.date(min_year, 1, 1).toordinal()
-    last = datetime.date(max_year, 12, 31).toordinal()
-    chosen = [DATE_FORMATS[name] for name in dict.fromkeys(formats)]
-
-    def sample(rng: random.Random) -> tuple[str, str]:
-        date = datetime.date.fromordinal(rng.randint(first, last))
-        return rng.choice(chosen)(date), date.isoformat()
-
-    space = (last - first + 1) * len(chosen)
-    return _synthetic_splits(sample, space, num_examples, seed, val_fraction, test_fraction)
-
-
-# ---------------------------------------------------------------------------------------------
-# Opt-in Hugging Face Hub datasets
-# ---------------------------------------------------------------------------------------------
-
-HUB_DATASETS = {"sst2": "stanfordnlp/sst2", "imdb": "stanfordnlp/imdb"}
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-
-
-def hub_unreachable(timeout: float) -> str | None:
-    """Why the Hub cannot be used right now, or None if a TCP connection to it opens.
-
-    The probe runs in a daemon thread that we stop waiting for after ``timeout`` seconds:
-    a DNS lookup has no timeout of its own and can otherwise block for much longer.
-    """
-    for var in _OFFLINE_VARS:
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return f"{var}={os.environ[var]} is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    outcome: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as err:
-            outcome.append(err)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        return f"{host}:{port} did not answer within {timeout} s"
-    if outcome[0] is not None:
-        return f"cannot connect to {host}:{port} ({outcome[0]})"
-    return None
-
-
-def load_hub_dataset(name: str, *, timeout: float = 5.0) -> DatasetDict:
-    """SST-2 or IMDb from the Hugging Face Hub with ``datasets.load_dataset`` (needs network).
-
-    ``"sst2"`` is ``stanfordnlp/sst2`` (columns idx, sentence, label; the test split's labels
-    are hidden, -1); ``"imdb"`` is ``stanfordnlp/imdb`` (text, label; train, test and
-    unlabelled "unsupervised"). Offline, that is when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
-    is set or the Hub does not answer within ``timeout`` seconds, it raises ``ConnectionError``
-    at once instead of hanging on retries. The course's packaged corpora need no network.
-    """
-    if name not in HUB_DATASETS:
-        raise ValueError(f"name must be one of {list(HUB_DATASETS)}, got {name!r}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
-    reason = hub_unreachable(timeout)
-    if reason is not None:
-        raise ConnectionError(
-            f"load_hub_dataset({name!r}) needs the Hugging Face Hub, which is unavailable: "
-            f"{reason}. The course's packaged corpora work offline: labkit.data.load_sentiment() "
-            "for labelled tweets, labkit.data.load_shakespeare() for text."
-        )
-    return load_dataset(HUB_DATASETS[name])

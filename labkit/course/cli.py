@@ -1,8 +1,8 @@
 """The ``labkit`` command line: ``demo`` (a tour that checks itself), ``info``, ``grade``
-(grade students' notebooks in a sandbox, see ``labkit.grade``),
+(grade students' notebooks in a sandbox, see ``labkit.course.grade``),
 ``notebooks run`` (execute the course notebooks, full mode by default), ``book build`` (render
-the course book, see ``labkit.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
-model, see ``labkit.chargpt``) and ``sample`` (text from it)."""
+the course book, see ``labkit.course.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
+model, see ``labkit.course.chargpt``) and ``sample`` (text from it)."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from labkit.demo import run_demo
+    from labkit.course.demo import run_demo
 
     failures = run_demo(device=args.device, seed=args.seed)
     return 1 if failures else 0
 
 
 def _notebooks_run(args: argparse.Namespace) -> int:
-    from labkit.notebooks import NotebookError, find_notebooks, run_notebook
+    from labkit.course.notebooks import NotebookError, find_notebooks, run_notebook
 
     mode = "smoke" if args.smoke else "full"
     notebooks = find_notebooks(args.dir, args.names)
@@ -57,7 +57,7 @@ def _notebooks_run(args: argparse.Namespace) -> int:
 
 
 def _notebooks_export(args: argparse.Namespace) -> int:
-    from labkit.notebooks import export_html
+    from labkit.course.notebooks import export_html
 
     out = Path(args.out)
     for path in map(Path, args.notebooks):
@@ -69,7 +69,7 @@ def _notebooks_export(args: argparse.Namespace) -> int:
 
 
 def _book_build(args: argparse.Namespace) -> int:
-    from labkit.book import BookBuildError, build_book
+    from labkit.course.book import BookBuildError, build_book
 
     try:
         build_book(args.root, smoke=args.smoke, force=args.force, jobs=args.jobs)
@@ -80,7 +80,7 @@ def _book_build(args: argparse.Namespace) -> int:
 
 
 def _book_readme(args: argparse.Namespace) -> int:
-    from labkit.book import update_readme
+    from labkit.course.book import update_readme
 
     changed = update_readme(args.root)
     print("README.md: contents table " + ("updated" if changed else "already up to date"))
@@ -88,7 +88,7 @@ def _book_readme(args: argparse.Namespace) -> int:
 
 
 def _exercises(args: argparse.Namespace) -> int:
-    from labkit.exercises import write_starters
+    from labkit.course.exercises import write_starters
 
     for path in write_starters(args.dir, args.out):
         print(path)
@@ -98,7 +98,7 @@ def _exercises(args: argparse.Namespace) -> int:
 def _grade(args: argparse.Namespace) -> int:
     import ast
 
-    from labkit.grade import Options, grade
+    from labkit.course.grade import Options, grade
 
     parameters = {}
     if args.smoke:
@@ -155,9 +155,9 @@ NOT_GIVEN = _NotGiven()
 def _train_char_gpt(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from labkit.chargpt import CharGPTSettings, saved_settings, train
-    from labkit.checkpoints import CheckpointWriteError
-    from labkit.interrupts import TrainingInterrupted
+    from labkit.course.chargpt import CharGPTSettings, saved_settings, train
+    from labkit.train.checkpoints import CheckpointWriteError
+    from labkit.train.interrupts import TrainingInterrupted
 
     parser = char_gpt_parser()
     fields = CharGPTSettings.__dataclass_fields__
@@ -195,7 +195,7 @@ def _train_char_gpt(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from labkit.chargpt import load_run, sample_text
+    from labkit.course.chargpt import load_run, sample_text
 
     model, tokenizer, _ = load_run(args.out, args.device)
     text = sample_text(
@@ -214,7 +214,7 @@ def _sample(args: argparse.Namespace) -> int:
 def char_gpt_parser() -> argparse.ArgumentParser:
     """The flags of ``labkit train char-gpt``, with ``CharGPTSettings``' defaults (nanoGPT's CPU
     recipe). Built only when that command runs: it imports torch, which the others need not."""
-    from labkit.chargpt import PRECISIONS, CharGPTSettings
+    from labkit.course.chargpt import PRECISIONS, CharGPTSettings
 
     d = CharGPTSettings()
     parser = argparse.ArgumentParser(prog="labkit train char-gpt", description=CHAR_GPT_DESCRIPTION)
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     grade = commands.add_parser(
         "grade",
-        help="grade students' exercise notebooks, each in a sandbox (see labkit.grade)",
+        help="grade students' exercise notebooks, each in a sandbox (see labkit.course.grade)",
         description="Grade submitted notebooks against the course's copies: check cells are "
         "restored from the course, each notebook runs in its own sandbox (time, memory, CPU "
         "and file-size limits, a fresh working directory, no network, no secrets, a read-only "

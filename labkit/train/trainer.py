@@ -1,8 +1,8 @@
 """The one training loop of the course: ``Trainer``, with AMP, accumulation, DDP, checkpoints.
 
-Its parts live in small modules, all importable from here: ``labkit.train_config`` (the
-settings, optimizer and schedule), ``labkit.losses`` (cross-entropy and metrics),
-``labkit.memory`` (activation checkpointing) and ``labkit.checkpoints`` (files and RNG state).
+Its parts live in small modules of ``labkit.train``, all importable from there: ``config`` (the
+settings, optimizer and schedule), ``losses`` (cross-entropy and metrics), ``memory``
+(activation checkpointing) and ``checkpoints`` (files and RNG state).
 
 Symbols: t = optimizer step (counted from 1), B = ``batch_size``, the examples behind one
 optimizer step summed over all processes and micro-batches; W = world size (processes);
@@ -27,7 +27,7 @@ knob, and W processes compute the same step as one.
 A checkpoint holds everything that decides the next step: weights, optimizer moments,
 schedule position, loss scale, the RNG states (dropout) and the data position, so a resumed
 run continues exactly as the uninterrupted one would have. Checkpoints are written atomically
-(``labkit.checkpoints``), the first Ctrl-C or SIGTERM stops at the next step boundary with a
+(``labkit.train.checkpoints``), the first Ctrl-C or SIGTERM stops at the next step boundary with a
 checkpoint (``TrainingInterrupted``), and a damaged or foreign file is a ``CheckpointError``
 naming it. One script serves the first start and every restart, also under
 ``torchrun --max-restarts``: ``fit(resume_from=latest_checkpoint(folder))``::
@@ -61,7 +61,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from labkit.checkpoints import (
+from labkit.device import get_device, seed_everything
+from labkit.train.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
     capture_rng_state,
@@ -73,24 +74,29 @@ from labkit.checkpoints import (
     restore_rng_state,
     write_checkpoint,
 )
-from labkit.device import get_device, seed_everything
-from labkit.distributed import (
-    all_reduce_mean,
-    init_distributed,
-    local_device,
-    make_sampler,
-    wrap_model,
-)
-from labkit.interrupts import StopRequests, TrainingInterrupted
-from labkit.losses import IGNORE_INDEX, accuracy, cross_entropy_sum, output_logits, split_batch
-from labkit.memory import enable_activation_checkpointing, saved_activation_bytes
-from labkit.train_config import (
+from labkit.train.config import (
     TrainConfig,
     make_optimizer,
     make_scheduler,
     param_groups,
     schedule_lr,
 )
+from labkit.train.distributed import (
+    all_reduce_mean,
+    init_distributed,
+    local_device,
+    make_sampler,
+    wrap_model,
+)
+from labkit.train.interrupts import StopRequests, TrainingInterrupted
+from labkit.train.losses import (
+    IGNORE_INDEX,
+    accuracy,
+    cross_entropy_sum,
+    output_logits,
+    split_batch,
+)
+from labkit.train.memory import enable_activation_checkpointing, saved_activation_bytes
 
 # The training API in one import; each piece lives in the module named above.
 __all__ = [

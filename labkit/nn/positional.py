@@ -14,7 +14,7 @@ Five ways to put it in, from the original Transformer to today's decoder LLMs:
 The first two change the token embeddings; the last three touch only attention. The bias
 modules (``RelativePositionBias``, ``ALiBi``) return float tensors of shape
 ``(1, H, q_len, k_len)`` meant as additive masks, e.g.
-``labkit.attention.scaled_dot_product_attention(q, k, v, mask=bias)``.
+``labkit.nn.scaled_dot_product_attention(q, k, v, mask=bias)``.
 
 Symbols: B batch size, T sequence length, D model width (d_model), H number of attention heads,
 head_dim width of one head (D // H for the query heads).

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from labkit.viz import _stack_layers, _to_numpy
+from labkit.viz.heatmaps import _stack_layers, _to_numpy
 
 __all__ = [
     "PATTERNS",

@@ -8,9 +8,9 @@ For every submitted notebook the grader
    the course has it, deleted ones re-inserted, matched by nbgrader ``grade_id`` or else by cell
    id; the student's answer cells and any cells they added are kept; copies of the reference
    solution cells are dropped. Editing a check to ``assert True`` therefore changes nothing;
-3. **executes** it in the sandbox of :mod:`labkit.sandbox` (own processes, wall-clock timeout,
-   rlimits, fresh working directory, no network, allow-list environment, read-only machine)
-   with nbclient, continuing after a failing cell (:mod:`labkit.grade_worker`);
+3. **executes** it in the sandbox of :mod:`labkit.course.sandbox` (own processes, wall-clock
+   timeout, rlimits, fresh working directory, no network, allow-list environment, read-only machine)
+   with nbclient, continuing after a failing cell (:mod:`labkit.course.grade_worker`);
 4. **scores** each check cell: its points (nbgrader ``points``, else 1) when it ran without an
    error, else zero and the first lines of the error;
 5. writes ``grades.csv`` (one row per check), ``summary.csv`` (one row per student),
@@ -39,7 +39,7 @@ from typing import Any
 
 import nbformat
 
-from labkit import sandbox
+from labkit.course import sandbox
 
 LESSON_GLOB = "[0-9][0-9]_*.ipynb"
 EXERCISE_GLOB = "ex_*.ipynb"
@@ -392,7 +392,7 @@ class Options:
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     kernel: str = "python3"
-    isolation: str = "bwrap"  # the strongest isolation to try (see labkit.sandbox.isolation)
+    isolation: str = "bwrap"  # the strongest isolation to try (see labkit.course.sandbox.isolation)
 
 
 def _zero(checks: list[Check], why: str) -> list[CheckResult]:
@@ -454,7 +454,7 @@ def run_submission(
     cell_timeout = int(options.cell_timeout_s or options.timeout_s)
     cpu = options.cpu_s or int(options.timeout_s * max(1, options.threads)) + 30
     command = [
-        sys.executable, "-m", "labkit.grade_worker", name,
+        sys.executable, "-m", "labkit.course.grade_worker", name,
         "--kernel", options.kernel,
         "--cell-timeout", str(cell_timeout),
         "--memory-mb", str(options.memory_mb),

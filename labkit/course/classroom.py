@@ -38,7 +38,7 @@ import nbformat
 
 SCHEMA_VERSION = 3  # nbgrader's cell metadata schema
 NBGRADER_CONFIG = (  # the lines to add to a course's nbgrader_config.py
-    "from labkit.classroom import generate_assignment_preprocessors\n"
+    "from labkit.course.classroom import generate_assignment_preprocessors\n"
     "c.GenerateAssignment.preprocessors = generate_assignment_preprocessors()\n"
 )
 
@@ -120,9 +120,9 @@ def generate_assignment_preprocessors() -> list:
     from nbgrader.converters import GenerateAssignment
 
     defaults = GenerateAssignment.class_traits()["preprocessors"].default()
-    keep = "labkit.classroom.ClearSolutionsKeepStarters"
+    keep = "labkit.course.classroom.ClearSolutionsKeepStarters"
     return [
-        "labkit.classroom.RemoveSolutionCells",
+        "labkit.course.classroom.RemoveSolutionCells",
         *(keep if pp is ClearSolutions else pp for pp in defaults),
     ]
 
@@ -132,12 +132,12 @@ if ClearSolutions is not None:
     class RemoveSolutionCells(NbGraderPreprocessor):
         """The course's starter notebook: the cells tagged ``solution`` removed.
 
-        Applies :func:`labkit.exercises.starter_notebook` to a notebook with solution cells
+        Applies :func:`labkit.course.exercises.starter_notebook` to a notebook with solution cells
         and leaves others alone. First of :func:`generate_assignment_preprocessors`.
         """
 
         def preprocess(self, nb, resources):
-            from labkit.exercises import SOLUTION_TAG, starter_notebook
+            from labkit.course.exercises import SOLUTION_TAG, starter_notebook
 
             if any(SOLUTION_TAG in _tags(cell) for cell in nb.cells):
                 nb = starter_notebook(nb)
@@ -157,11 +157,11 @@ if ClearSolutions is not None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m labkit.classroom NOTEBOOK...``: write the nbgrader metadata into notebooks."""
+    """``python -m labkit.course.classroom NOTEBOOK...``: write nbgrader metadata into notebooks."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m labkit.classroom",
+        prog="python -m labkit.course.classroom",
         description="add nbgrader cell metadata to course notebooks, derived from their tags",
     )
     parser.add_argument("notebooks", nargs="+")

@@ -28,8 +28,8 @@ history, data position), written atomically at every evaluation (``checkpoint_ev
 ``train(..., resume=True)`` (``labkit train char-gpt --out DIR --resume``) continues from the
 newest checkpoint and ends exactly where the uninterrupted run would have (CPU, fp32), after
 checking that every setting that changes the result is the run's own. Ctrl-C or SIGTERM stops
-at the next step with a checkpoint (``labkit.interrupts``); a damaged or foreign file is a
-``ValueError`` naming it (``labkit.checkpoints``).
+at the next step with a checkpoint (``labkit.train.interrupts``); a damaged or foreign file is a
+``ValueError`` naming it (``labkit.train``).
 
 Differences from nanoGPT that remain: labkit's tokenizer adds 4 special tokens (never seen in
 training; sampling bans them), embeddings are not weight-decayed (``labkit.train.param_groups``)
@@ -57,17 +57,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from labkit.checkpoints import (
+from labkit.data.tokenizers import SPECIAL_TOKENS, CharTokenizer
+from labkit.device import get_device, seed_everything
+from labkit.generation import GenerationConfig, generate
+from labkit.models.gpt import GPT, GPTConfig
+from labkit.train.checkpoints import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
 )
-from labkit.device import get_device, seed_everything
-from labkit.generation import GenerationConfig, generate
-from labkit.models.gpt import GPT, GPTConfig
-from labkit.tokenizers import SPECIAL_TOKENS, CharTokenizer
-from labkit.train import TrainConfig, Trainer
+from labkit.train.trainer import TrainConfig, Trainer
 
 VAL_FRACTION = 0.1  # nanoGPT's data/shakespeare_char/prepare.py: the last 10% of the text
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -216,7 +216,7 @@ class CharGPTSettings:
 def load_text(path: str | Path | None = None) -> str:
     """The text of ``path`` (UTF-8), or labkit's packaged tiny Shakespeare when None."""
     if path is None:
-        from labkit.data import shakespeare_texts
+        from labkit.data.corpora import shakespeare_texts
 
         return "\n\n".join(shakespeare_texts("tiny").values())
     path = Path(path)
@@ -475,8 +475,8 @@ def train(
     ``resume``: continue the run in ``out`` from its newest checkpoint (the settings must be
     the run's own in everything that changes the result; :func:`saved_settings` gives them).
     ``overwrite``: start afresh in a folder that holds a run (its checkpoints are deleted).
-    Raises ``labkit.interrupts.TrainingInterrupted`` after Ctrl-C/SIGTERM (a checkpoint was
-    saved) and ``labkit.checkpoints.CheckpointWriteError`` when a checkpoint cannot be written
+    Raises ``labkit.train.interrupts.TrainingInterrupted`` after Ctrl-C/SIGTERM (a checkpoint was
+    saved) and ``labkit.train.CheckpointWriteError`` when a checkpoint cannot be written
     and ``on_checkpoint_error`` is "stop".
     """
     start = time.perf_counter()

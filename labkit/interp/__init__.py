@@ -1,0 +1,44 @@
+"""Interpretability: numbers that say what attention heads do.
+
+``heads`` holds the detectors of recognisable heads (previous-token, first-token, self,
+punctuation, induction and duplicate-token scores; ``score_heads`` scores every layer and head,
+``find_heads`` lists those above a threshold). The head statistics ``head_entropy``,
+``mean_attention_distance``, ``head_summary`` and ``attention_rollout`` are importable from
+here too; their pictures are in ``labkit.viz``. E.g. ``from labkit.interp import find_heads``.
+"""
+
+from labkit.interp.heads import (
+    PATTERNS,
+    duplicate_token_score,
+    find_heads,
+    first_token_score,
+    induction_score,
+    previous_token_score,
+    punctuation_score,
+    repeated_random_tokens,
+    score_heads,
+    self_token_score,
+)
+from labkit.viz.heatmaps import (
+    attention_rollout,
+    head_entropy,
+    head_summary,
+    mean_attention_distance,
+)
+
+__all__ = [
+    "PATTERNS",
+    "attention_rollout",
+    "duplicate_token_score",
+    "find_heads",
+    "first_token_score",
+    "head_entropy",
+    "head_summary",
+    "induction_score",
+    "mean_attention_distance",
+    "previous_token_score",
+    "punctuation_score",
+    "repeated_random_tokens",
+    "score_heads",
+    "self_token_score",
+]

@@ -1,0 +1,83 @@
+"""The building blocks a learner studies, one idea per module.
+
+``attention`` (the explicit scaled dot-product formula and ``MultiHeadAttention`` with
+grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend), ``efficient``
+(Linformer and Nyströmformer self-attention), ``positional`` (sinusoidal, learned, relative,
+rotary, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers) and ``cache`` (the
+key/value cache of incremental decoding). Every name is re-exported here, e.g.
+``from labkit.nn import MultiHeadAttention, causal_mask``.
+"""
+
+from labkit.nn.attention import (
+    AttentionOutput,
+    MultiHeadAttention,
+    scaled_dot_product_attention,
+)
+from labkit.nn.cache import (
+    KVCache,
+)
+from labkit.nn.efficient import (
+    LinformerSelfAttention,
+    NystromSelfAttention,
+)
+from labkit.nn.layers import (
+    DecoderLayer,
+    DecoderLayerCache,
+    EncoderLayer,
+    FeedForward,
+    LayerNorm,
+    LayerOutput,
+    RMSNorm,
+)
+from labkit.nn.masks import (
+    block_sparse_mask,
+    causal_mask,
+    longformer_mask,
+    padding_mask,
+    padding_mask_from_ids,
+    sliding_window_mask,
+)
+from labkit.nn.positional import (
+    ALiBi,
+    LearnedPositionalEmbedding,
+    RelativePositionBias,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    alibi_slopes,
+    apply_rotary,
+    relative_position_bucket,
+    rotate_half,
+    sinusoidal_table,
+)
+
+__all__ = [
+    "ALiBi",
+    "AttentionOutput",
+    "DecoderLayer",
+    "DecoderLayerCache",
+    "EncoderLayer",
+    "FeedForward",
+    "KVCache",
+    "LayerNorm",
+    "LayerOutput",
+    "LearnedPositionalEmbedding",
+    "LinformerSelfAttention",
+    "MultiHeadAttention",
+    "NystromSelfAttention",
+    "RMSNorm",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "alibi_slopes",
+    "apply_rotary",
+    "block_sparse_mask",
+    "causal_mask",
+    "longformer_mask",
+    "padding_mask",
+    "padding_mask_from_ids",
+    "relative_position_bucket",
+    "rotate_half",
+    "scaled_dot_product_attention",
+    "sinusoidal_table",
+    "sliding_window_mask",
+]

@@ -1,0 +1,85 @@
+"""labkit's layout: every name a notebook imports exists, subpackages say what they hold, and the
+library never reaches into the course tooling."""
+
+import ast
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import labkit
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").rglob("*.ipynb"))
+SUBPACKAGES = ["nn", "models", "data", "train", "interp", "viz", "course"]
+
+
+def _code(cell_source: str) -> str:
+    """A code cell as Python: IPython magics and shell escapes become blank lines."""
+    lines = cell_source.splitlines()
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines)
+
+
+def _notebook_imports() -> dict[tuple[str, str], set[str]]:
+    """{(module, name): notebooks} for each ``from labkit... import name``, ``import labkit...``."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in NOTEBOOKS:
+        cells = json.loads(path.read_text())["cells"]
+        for cell in cells:
+            if cell["cell_type"] != "code":
+                continue
+            for node in ast.walk(ast.parse(_code("".join(cell["source"])))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("labkit"):
+                    for alias in node.names:
+                        found.setdefault((node.module, alias.name), set()).add(path.name)
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.split(".")[0] == "labkit":
+                            found.setdefault((alias.name, ""), set()).add(path.name)
+    return found
+
+
+def test_every_labkit_name_a_notebook_imports_exists():
+    imports = _notebook_imports()
+    assert len(imports) > 50, "the parser found too few labkit imports in the notebooks"
+    missing = []
+    for (module, name), notebooks in sorted(imports.items()):
+        mod = importlib.import_module(module)
+        if name and not hasattr(mod, name):
+            missing.append(f"from {module} import {name}  ({', '.join(sorted(notebooks))})")
+    assert not missing, "names the notebooks import but labkit lacks:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("name", SUBPACKAGES)
+def test_subpackage_says_what_lives_where_and_exports_real_names(name):
+    package = importlib.import_module(f"labkit.{name}")
+    doc = package.__doc__ or ""
+    modules = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    assert modules, f"labkit.{name} has no modules"
+    for module in modules:  # the docstring names every module of the subpackage
+        assert f"``{module}``" in doc or f"``{module}.py``" in doc, (name, module)
+    for exported in getattr(package, "__all__", []):
+        assert getattr(package, exported, None) is not None, (name, exported)
+
+
+def test_the_library_does_not_import_the_course_tooling():
+    library = [
+        p for p in (ROOT / "labkit").rglob("*.py")
+        if "course" not in p.relative_to(ROOT / "labkit").parts and p.name != "__main__.py"
+    ]
+    assert len(library) > 20
+    for path in library:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("labkit.course"), path
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("labkit.course") for a in node.names), path
+
+
+def test_only_the_documented_modules_sit_at_the_top_level():
+    flat = {p.stem for p in (ROOT / "labkit").glob("*.py")}
+    # new code goes into a subpackage (see labkit/__init__.py), not next to these
+    assert flat <= {"__init__", "__main__", "device", "generation", "inference"}, flat
+    assert labkit.__version__
