@@ -5,9 +5,9 @@
 addition and date tasks), ``tokenizers`` (character and BPE tokenizers with one interface,
 backed by Hugging Face ``tokenizers``), ``bpe`` (``ByteLevelBPE``, byte-level BPE written from
 scratch: training, encoding, GPT-2 files), ``augment`` (random deletion and swap, synonym
-replacement, paraphrase with SmolLM2) and ``hub`` (opt-in Hugging Face Hub datasets and the one probe of whether the Hub answers).
-Everything but ``hub`` works offline. Every name is re-exported here, e.g.
-``from labkit.data import load_shakespeare, CharTokenizer``.
+replacement, paraphrase with SmolLM2) and ``hub`` (opt-in Hugging Face Hub datasets and the
+one probe of whether the Hub answers). Everything but ``hub`` works offline. Every name is
+re-exported here, e.g. ``from labkit.data import load_shakespeare, CharTokenizer``.
 """
 
 from labkit.data.augment import (

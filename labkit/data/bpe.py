@@ -619,7 +619,8 @@ class ByteLevelBPE:
 
         ``tokenizer`` is a ``tokenizers.Tokenizer`` or a ``transformers`` fast tokenizer (e.g.
         ``labkit.models.pretrained.load("smollm2-135m-instruct").tokenizer``). What this class
-        cannot reproduce (a normalizer, a prefix space, byte fallback, other models) raises ValueError.
+        cannot reproduce (a normalizer, a prefix space, byte fallback, other models) raises
+        ValueError.
         """
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "to_str"):
