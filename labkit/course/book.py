@@ -44,7 +44,7 @@ from labkit.course.notebooks import (
     run_notebook,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: labkit/course/book.py
 EXERCISE_GLOB = "ex_*.ipynb"
 EXECUTED_DIR = Path("build") / "executed"  # relative to the repository root
 STAGE_DIR = Path("build") / "book-src"
