@@ -3,8 +3,10 @@
 ``cli`` (the ``labkit`` command and ``python -m labkit``), ``notebooks`` (run notebooks with
 papermill, smoke or full), ``book`` (stage and build the Jupyter Book; it reads the repository
 checkout, the one part of labkit that does), ``exercises`` (write starter notebooks from the
-solved exercises), ``demo`` (``labkit demo``) and ``chargpt`` (the character-level GPT recipe
-behind ``labkit train char-gpt``). Import from the module, e.g.
+solved exercises), ``classroom`` (nbgrader metadata for the exercises), ``grade`` (``labkit
+grade``: score students' notebooks), run by ``grade_worker`` inside ``sandbox`` (isolation and
+limits), ``demo`` (``labkit demo``) and ``chargpt`` (the character-level GPT recipe behind
+``labkit train char-gpt``). Import from the module, e.g.
 ``from labkit.course.chargpt import CharGPTSettings``; nothing is re-exported here, so that
 ``import labkit.course.cli`` stays quick and the library never pulls in the course's tools.
 """

@@ -17,6 +17,7 @@ from labkit.viz.explorer import (
     model_kind,
 )
 from labkit.viz.heatmaps import (
+    PLOTLY_MIME,
     PlotlyFigure,
     attention_heatmap,
     compare_heatmaps,
@@ -26,6 +27,7 @@ from labkit.viz.heatmaps import (
 )
 
 __all__ = [
+    "PLOTLY_MIME",
     "AttentionExplorer",
     "PlotlyFigure",
     "attention_heatmap",
