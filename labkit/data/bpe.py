@@ -446,7 +446,7 @@ class ByteLevelBPE:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``: special tokens (longest first), then BPE on each pre-token.
 
-        ``add_special_tokens`` exists for the interface of ``labkit.tokenizers`` and Hugging
+        ``add_special_tokens`` exists for the interface of ``labkit.data`` and Hugging
         Face (``labkit.generation`` passes ``False``); this tokenizer wraps nothing around a
         text, so ``True`` raises ValueError.
         """
