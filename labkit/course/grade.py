@@ -44,6 +44,7 @@ from labkit.course import sandbox
 LESSON_GLOB = "[0-9][0-9]_*.ipynb"
 EXERCISE_GLOB = "ex_*.ipynb"
 MAX_NOTEBOOK_BYTES = 50 << 20  # a submitted notebook larger than this is not read
+SOLUTION_TAGS = {"solution", "solution-heading"}  # the reference solution and its heading
 LIMIT = "OutputLimitExceeded"  # the worker's error name for too much output
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/dev")
@@ -67,14 +68,14 @@ def _nbgrader(cell: dict) -> dict:
 
 
 def cell_role(cell: dict) -> str:
-    """``"answer"`` (the student edits it), ``"solution"`` (the course's reference answer,
-    not part of a starter), ``"check"`` (graded) or ``"locked"`` (everything else).
+    """``"answer"`` (the student edits it), ``"solution"`` (the course's reference answer or
+    its heading, not part of a starter), ``"check"`` (graded) or ``"locked"`` (all else).
 
     nbgrader metadata decides where present (``solution``: answer; ``grade`` without
     ``solution``: check), else the course's tags (``starter``, ``solution``, ``check``).
     """
     tags, meta = _tags(cell), _nbgrader(cell)
-    if "solution" in tags:
+    if tags & SOLUTION_TAGS:
         return "solution"
     if meta.get("solution") or "starter" in tags:
         return "answer"
@@ -155,7 +156,7 @@ def prepare(
     dropped = 0
     for cell in submission.cells:
         key = cell_key(cell)
-        if key in solution_keys or "solution" in _tags(cell):
+        if key in solution_keys or _tags(cell) & SOLUTION_TAGS:
             dropped += 1
             continue
         if key in by_key and key not in student:
