@@ -56,7 +56,7 @@ PARTS: tuple[tuple[str, str, str], ...] = (
     ("Building the Transformer", "00a", "06z"),
     ("Efficiency, applications and pretrained models", "07", "99z"),
 )
-REFERENCE_PAGES = ("api/index", "glossary", "bibliography")
+REFERENCE_PAGES = ("instructors", "api/index", "glossary", "bibliography")
 # Committed files of book/ that are not part of the site.
 NOT_STAGED = {"_build", "README.md", "__pycache__", "screenshot.png"}
 SMOKE_NOTE = (
