@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -685,8 +684,3 @@ def bytes_per_token(tokenizer: ByteLevelBPE, text: str) -> float:
     if not ids:
         raise ValueError("bytes_per_token needs a non-empty text")
     return len(text.encode("utf-8")) / len(ids)
-
-
-def default_workers() -> int:
-    """Processes for counting pre-tokens: the CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
