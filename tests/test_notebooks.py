@@ -25,6 +25,7 @@ import nbformat
 import pytest
 
 from labkit.course.book import EXERCISE_GLOB, executed_path
+from labkit.course.exercises import check_call
 from labkit.course.notebooks import (
     NOTEBOOK_GLOB,
     SMOKE_BANNER,
@@ -212,10 +213,43 @@ def test_exercises_have_starter_solution_and_check(path: Path):
         assert roles["starter"] < roles["solution"] < roles["check"], (
             f"{where}: cells must come in the order starter, solution, check"
         )
-        assert "hide-input" in _tags(cells[roles["solution"]]), (
+        solution = cells[roles["solution"]]
+        assert "hide-input" in _tags(solution), (
             f"{where}: the solution cell must also be tagged 'hide-input' (hidden in the book)"
         )
-        assert "assert" in cells[roles["check"]].source, f"{where}: the check cell must assert"
+        assert solution.metadata.get("jupyter", {}).get("source_hidden") is True, (
+            f"{where}: the solution cell must be collapsed in JupyterLab "
+            "(metadata.jupyter.source_hidden)"
+        )
+        heading = cells[roles["solution"] - 1]
+        level = len(cells[begin].source) - len(cells[begin].source.lstrip("#"))
+        assert "solution-heading" in _tags(heading) and heading.source.startswith(
+            "#" * (level + 1) + " Solution"
+        ), (
+            f"{where}: a markdown cell tagged 'solution-heading' comes right before the "
+            f"solution, a 'Solution' heading one level below the task's ({'#' * (level + 1)})"
+        )
+        assert "solution_cell()" in solution.source.split("\n", 3)[2], (
+            f"{where}: the solution cell starts by calling labkit.course.checks.solution_cell()"
+        )
+        check = cells[roles["check"]].source
+        assert "assert" in check, f"{where}: the check cell must assert"
+        found = check_call(check)
+        assert found is not None and "with check(" in check, (
+            f"{where}: the check cell runs its asserts inside `with check(task, answers=...)`"
+        )
+        answers = found[1]
+        assert answers and all(name in cells[roles["starter"]].source for name in answers), (
+            f"{where}: check(..., answers={answers}) must name the starter cell's answers"
+        )
+        assert not re.search(r"\bcorrect\b", check), (
+            f"{where}: the check cell must not print 'correct' (labkit.course.checks says it)"
+        )
+    summaries = [c for c in cells if "checks-summary" in _tags(c)]
+    assert len(summaries) == 1 and "summary()" in summaries[0].source, (
+        f"{path.name}: needs one cell tagged 'checks-summary' calling checks.summary()"
+    )
+    assert cells.index(summaries[0]) > starts[-1], f"{path.name}: the summary comes last"
 
 
 @params

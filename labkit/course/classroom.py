@@ -20,7 +20,9 @@ course tag    nbgrader metadata
 gets ``_2``, ``_3``. All other cells stay ordinary cells (students may change the parameters
 cell, e.g. ``SMOKE = True``). Points set by hand in a check cell's metadata are kept.
 
-Releasing with nbgrader then needs two lines of configuration (:data:`NBGRADER_CONFIG`):
+Releasing with nbgrader then needs a few lines of configuration (:data:`NBGRADER_CONFIG`; they
+also put ``labkit.course.checks`` in strict mode, where a failed check raises instead of only
+reporting, so nbgrader scores it 0):
 ``nbgrader generate_assignment`` first drops the reference solutions
 (:class:`RemoveSolutionCells`) and keeps the starter cells as they are
 (:class:`ClearSolutionsKeepStarters`), so the released notebook is the course's starter (what
@@ -40,6 +42,8 @@ SCHEMA_VERSION = 3  # nbgrader's cell metadata schema
 NBGRADER_CONFIG = (  # the lines to add to a course's nbgrader_config.py
     "from labkit.course.classroom import generate_assignment_preprocessors\n"
     "c.GenerateAssignment.preprocessors = generate_assignment_preprocessors()\n"
+    "import os  # labkit.course.checks: a failed check raises, so its test cell scores 0\n"
+    "os.environ['LABKIT_STRICT_CHECKS'] = '1'\n"
 )
 
 

@@ -340,11 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     readme.set_defaults(run=_book_readme)
 
     exercises = commands.add_parser(
-        "exercises", help="write the exercise notebooks without their solutions (starters)"
+        "exercises",
+        help="write every notebook's exercises without their solutions (starters): the lessons "
+        "and exercises/",
     )
     exercises.add_argument("--out", required=True, help="folder for the starter notebooks")
     exercises.add_argument(
-        "--dir", default="notebooks/exercises", help="exercise notebooks (default: %(default)s)"
+        "--dir",
+        default="notebooks",
+        help="the course folder, or a folder of exercise notebooks (default: %(default)s)",
     )
     exercises.set_defaults(run=_exercises)
 

@@ -467,7 +467,7 @@ def run_submission(
     env = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
-        "LABKIT_STRICT_CHECKS": "1",  # labkit.checks: a failed check raises, so it scores 0
+        "LABKIT_STRICT_CHECKS": "1",  # labkit.course.checks: a failed check raises, so it scores 0
         **options.env,
     }
     iso = sandbox.isolation(options.isolation)

@@ -11,6 +11,7 @@ a page executed in smoke mode says so at the top, before any number it shows.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ def lesson_notebooks(directory: str | Path) -> list[Path]:
     return sorted(p for p in Path(directory).glob(NOTEBOOK_GLOB) if NOTEBOOK_NAME.fullmatch(p.name))
 
 
+STRICT_ENV = "LABKIT_STRICT_CHECKS"  # labkit.course.checks.STRICT_ENV
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebacks
 SMOKE_BANNER = "smoke mode: numbers below come from a tiny run"  # tests look for this text
 
@@ -118,11 +120,15 @@ def run_notebook(
     parameters: dict[str, Any] | None = None,
     kernel: str = "python3",
     cell_timeout_s: int = 600,
+    strict_checks: bool = True,
 ) -> NotebookRun:
     """Execute ``notebook`` into ``output`` with ``SMOKE=smoke`` (plus ``parameters``).
 
     The working directory is the notebook's folder, as in JupyterLab. Raises NotebookError
-    naming the failing cell, with its source and traceback.
+    naming the failing cell, with its source and traceback. ``strict_checks`` (default) runs
+    the kernel with ``LABKIT_STRICT_CHECKS=1``: an exercise check that fails raises
+    (``labkit.course.checks``), so a wrong solution fails the run; ``False`` runs it as a learner's
+    Run All does, every check reported and the notebook run to its end.
     """
     try:
         import papermill
@@ -135,6 +141,8 @@ def run_notebook(
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     error = None
+    saved = os.environ.get(STRICT_ENV)
+    os.environ[STRICT_ENV] = "1" if strict_checks else "0"  # the kernel inherits it
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -147,6 +155,11 @@ def run_notebook(
         )
     except PapermillExecutionError as err:
         error = err
+    finally:
+        if saved is None:
+            os.environ.pop(STRICT_ENV, None)
+        else:
+            os.environ[STRICT_ENV] = saved
     if error is not None:  # raised outside the except block: no chained papermill dump
         traceback = ANSI.sub("", "\n".join(error.traceback))
         raise NotebookError(
