@@ -30,7 +30,7 @@ from pathlib import Path
 import nbformat
 
 EXERCISE_GLOB = "ex_*.ipynb"
-LESSON_GLOB = "[0-9][0-9]_*.ipynb"
+LESSON_GLOB = "NN_topic.ipynb"  # labkit.course.notebooks.lesson_notebooks: 00, 00b, 01, ...
 SOLUTION_TAG = "solution"
 DROPPED_TAGS = {SOLUTION_TAG, "solution-heading"}
 STARTER_NOTE = (
@@ -131,12 +131,16 @@ def starter_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def course_notebooks(src_dir: str | Path) -> list[Path]:
-    """The notebooks with exercises under ``src_dir``: lessons ``NN_*.ipynb`` and
-    ``ex_*.ipynb``, in ``src_dir`` and in its ``exercises/`` folder, in that order."""
+    """The notebooks with exercises under ``src_dir``: lessons (``NN_topic.ipynb``,
+    ``NNb_topic.ipynb``) and ``ex_*.ipynb``, in ``src_dir`` and in its ``exercises/`` folder, in
+    that order."""
+    from labkit.course.notebooks import lesson_notebooks
+
     src_dir = Path(src_dir)
     found: list[Path] = []
     for folder in (src_dir, src_dir / "exercises"):
-        found += sorted(folder.glob(LESSON_GLOB)) + sorted(folder.glob(EXERCISE_GLOB))
+        if folder.is_dir():
+            found += lesson_notebooks(folder) + sorted(folder.glob(EXERCISE_GLOB))
     return found
 
 
