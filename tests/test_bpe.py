@@ -324,6 +324,12 @@ def test_malformed_files_name_the_line(trained, tmp_path):
     bad_json.write_text('{\n"a": 0,\n"b c": 1\n}', encoding="utf-8")  # a literal space
     with pytest.raises(ValueError, match=r"bad_vocab.json line 3: token 'b c' has the character"):
         ByteLevelBPE.from_files(bad_json, tmp_path / "merges.txt")
+    bad_json.write_text('{\n"a": 0,\n"b": 0\n}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad_vocab.json line 3: id 0 is given twice"):
+        ByteLevelBPE.from_files(bad_json, tmp_path / "merges.txt")
+    bad_json.write_text('{\n"a": 0,\n"b": -1\n}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 3: the id of 'b' must be a non-negative int"):
+        ByteLevelBPE.from_files(bad_json, tmp_path / "merges.txt")
 
 
 def test_clear_errors():
@@ -392,3 +398,16 @@ def test_from_hf_smollm2_random_text_and_structure(smollm2_bpe, smollm2_tokenize
         ids = smollm2_bpe.encode(text)
         assert ids == smollm2_tokenizer.encode(text, add_special_tokens=False)
         assert smollm2_bpe.decode(ids) == text
+
+
+def test_from_files_reads_smollm2s_vocab_and_merges_in_gpt2_format(smollm2_tokenizer, tmp_path):
+    """The GPT-2 files written straight from Hugging Face's data (not by save) read back to a
+    tokenizer with Hugging Face's ids."""
+    spec = json.loads(smollm2_tokenizer.backend_tokenizer.to_str())
+    (tmp_path / "vocab.json").write_text(json.dumps(spec["model"]["vocab"]), encoding="utf-8")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    specials = [t["content"] for t in spec["added_tokens"]]
+    bpe = ByteLevelBPE.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt", specials)
+    for text in VARIED.values():
+        assert bpe.encode(text) == smollm2_tokenizer.encode(text, add_special_tokens=False)

@@ -584,12 +584,18 @@ class ByteLevelBPE:
 
         vocab: dict[int, bytes] = {}
         for key, i in entries.items():
-            where = f"{vocab_json} line {line_of(key)}: "
+            problem = None
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise ValueError(f"{where}the id of {key!r} must be a non-negative int, got {i!r}")
-            if i in vocab:
-                raise ValueError(f"{where}id {i} is given twice")
-            vocab[i] = str_to_token(key, where)
+                problem = f"the id of {key!r} must be a non-negative int, got {i!r}"
+            elif i in vocab:
+                problem = f"id {i} is given twice"
+            else:
+                try:
+                    vocab[i] = str_to_token(key)
+                except ValueError as err:
+                    problem = str(err)
+            if problem is not None:  # the line is looked up only for the message
+                raise ValueError(f"{vocab_json} line {line_of(key)}: {problem}")
 
         merges = []
         id_of = {t: i for i, t in vocab.items()}
