@@ -193,6 +193,7 @@ def test_ctrl_c_saves_at_the_next_step_boundary_and_resume_is_exact(reference, t
     assert match, err
     step = int(match.group(1))
     assert 10 <= step < STEPS
+    assert f"saving a checkpoint when step {step} ends" in err  # the step it let finish
     assert Path(match.group(2)) == checkpoint_path(out / "checkpoints", step)
     assert f"resume with: labkit train char-gpt --out {out} --resume" in err
 

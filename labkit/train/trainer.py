@@ -331,6 +331,7 @@ class Trainer:
         self._records: list[dict[str, Any]] = []
         self._elapsed = 0.0  # seconds spent in fit, over all sessions of this run
         self._batch_iter: Iterator[Batch] | None = None
+        self._step_under_way = 1
         # Saved with every checkpoint under "extra" (e.g. a recipe's settings), never read back.
         self.checkpoint_extra: dict[str, Any] = {}
 
@@ -484,6 +485,7 @@ class Trainer:
         announce = self._announce_stop if self.dist.is_main else None
         with bar, StopRequests(config.handle_signals, announce) as stop:
             while self.step < config.max_steps and not self.stopped_early:
+                self._step_under_way = self.step + 1  # what a stop signal lets finish
                 record = self._train_step()
                 if self.eval_data is not None and self._due(config.eval_every):
                     results = self.evaluate()
@@ -511,7 +513,7 @@ class Trainer:
         what = "saving a checkpoint" if self.config.checkpoint_dir is not None else "stopping"
         return (
             f"\nlabkit: {signal.Signals(signum).name} received: {what} when step "
-            f"{self.step + 1} ends; press Ctrl-C again to stop at once"
+            f"{self._step_under_way} ends; press Ctrl-C again to stop at once"
         )
 
     def _stop_requested(self, stop: StopRequests) -> bool:
