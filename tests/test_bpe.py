@@ -411,3 +411,19 @@ def test_from_files_reads_smollm2s_vocab_and_merges_in_gpt2_format(smollm2_token
     bpe = ByteLevelBPE.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt", specials)
     for text in VARIED.values():
         assert bpe.encode(text) == smollm2_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_from_hf_of_a_tokenizer_trained_by_labkit_data_bpetokenizer(tiny_shakespeare):
+    """The Hugging Face-trained BPETokenizer of labkit.data.tokenizers, read into ByteLevelBPE
+    (a raw tokenizers.Tokenizer this time), gives the same ids."""
+    from labkit.data.tokenizers import BPETokenizer
+
+    hf_trained = BPETokenizer.from_corpus([tiny_shakespeare[:50_000]], vocab_size=400)
+    bpe = ByteLevelBPE.from_hf(hf_trained.hf_tokenizer)
+    assert bpe.vocab_size == hf_trained.vocab_size
+    assert bpe.special_tokens == {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3}
+    for text in [tiny_shakespeare[-3_000:], *VARIED.values()]:
+        if "<" in text:  # BPETokenizer encodes a literal "<eos>" as text, ByteLevelBPE as the token
+            continue
+        assert bpe.encode(text) == hf_trained.encode(text), text[:40]
+        assert bpe.decode(bpe.encode(text)) == text
