@@ -240,10 +240,20 @@ def test_from_torch_copies_every_weight(bias, device):
     assert torch.equal(ours.v_proj.weight, v_w)
     assert torch.equal(ours.out_proj.weight, ref.out_proj.weight)
     if bias:
-        assert torch.equal(ours.v_proj.bias, ref.in_proj_bias.chunk(3)[2])
+        # Every bias, the key's included: softmax is blind to q . b_k (the same shift for every
+        # key of a row), so no output comparison can catch a wrong or missing key bias.
+        q_b, k_b, v_b = ref.in_proj_bias.chunk(3)
+        assert torch.equal(ours.q_proj.bias, q_b) and torch.equal(ours.k_proj.bias, k_b)
+        assert torch.equal(ours.v_proj.bias, v_b)
         assert torch.equal(ours.out_proj.bias, ref.out_proj.bias)
+        # And the copy is a copy: changing torch's module afterwards leaves ours alone.
+        k_b = k_b.clone()
+        with torch.no_grad():
+            ref.in_proj_bias.add_(1.0)
+        assert torch.equal(ours.k_proj.bias, k_b)
     else:
-        assert ours.q_proj.bias is None and ours.out_proj.bias is None
+        for proj in (ours.q_proj, ours.k_proj, ours.v_proj, ours.out_proj):
+            assert proj.bias is None
 
 
 @pytest.mark.parametrize("bias", [True, False])

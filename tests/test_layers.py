@@ -45,21 +45,51 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # Norms
 
 
+# Inputs whose variance is of the order of eps: with x ~ 3e-3 * randn, var ~ 1e-5, so a norm that
+# drops or misplaces eps (sqrt(var) + eps, eps outside the root) is off by tens of percent, far
+# beyond ATOL. A constant row (var = 0) is where eps alone keeps the output finite.
+
+
+def _small_variance_input(device, eps: float) -> torch.Tensor:
+    std = eps**0.5
+    x = std * (torch.randn(2, 7, 16, device=device) + 5)  # var ~ eps, off-centre by 5 std
+    x[0, 0] = 3 * std  # a constant row: LayerNorm divides by sqrt(0 + eps)
+    return x
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_layer_norm_matches_torch(device, bias):
-    ours = _randomise(LayerNorm(16, eps=1e-5, bias=bias)).to(device)
-    ref = nn.LayerNorm(16, eps=1e-5, bias=bias).to(device)
+def test_layer_norm_matches_torch(device, bias, eps):
+    ours = _randomise(LayerNorm(16, eps=eps, bias=bias)).to(device)
+    ref = nn.LayerNorm(16, eps=eps, bias=bias).to(device)
     ref.load_state_dict(ours.state_dict())
-    x = 3 * torch.randn(2, 7, 16, device=device) + 1.5  # off-centre, so centring matters
-    assert _max_diff(ours(x), ref(x)) < ATOL
+    x = _small_variance_input(device, eps)
+    y = ours(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, ref(x), atol=ATOL, rtol=1e-4)
+    # The scale of the inputs is one where eps matters: without it the result moves visibly.
+    assert _max_diff(ref(x), F.layer_norm(x, (16,), ref.weight, ref.bias, eps=eps / 4)) > 0.05
 
 
-def test_rms_norm_matches_torch(device):
-    ours = _randomise(RMSNorm(16, eps=1e-6)).to(device)
-    ref = nn.RMSNorm(16, eps=1e-6).to(device)
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_rms_norm_matches_torch(device, eps):
+    ours = _randomise(RMSNorm(16, eps=eps)).to(device)
+    ref = nn.RMSNorm(16, eps=eps).to(device)
     ref.load_state_dict(ours.state_dict())
-    x = 3 * torch.randn(2, 7, 16, device=device) + 1.5
-    assert _max_diff(ours(x), ref(x)) < ATOL
+    x = eps**0.5 * torch.randn(2, 7, 16, device=device)  # mean(x^2) ~ eps
+    x[0, 0] = 0.0  # all zeros: only eps avoids 0 / 0
+    y = ours(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, ref(x), atol=ATOL, rtol=1e-4)
+    assert _max_diff(ref(x), F.rms_norm(x, (16,), ref.weight, eps=eps / 4)) > 0.05
+
+
+def test_norms_use_their_own_eps():
+    """The eps given to the constructor is the one used (not a default of the other norm)."""
+    x = 1e-2 * torch.randn(3, 16)
+    for eps in (1e-6, 1e-5, 1e-3):
+        assert torch.allclose(LayerNorm(16, eps=eps)(x), F.layer_norm(x, (16,), eps=eps), atol=ATOL)
+        assert torch.allclose(RMSNorm(16, eps=eps)(x), F.rms_norm(x, (16,), eps=eps), atol=ATOL)
 
 
 @pytest.mark.parametrize(

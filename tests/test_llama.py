@@ -95,8 +95,40 @@ def test_tiny_left_padding_matches_transformers(device, tie):
         alone = model(ids[1:2, -lengths[1] :]).logits  # the short row without its padding
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max() <= ATOL
-    # Padding changes nothing for the real tokens: positions restart at 0 after the pads.
+    # Padding changes nothing for the real tokens.
     assert (ours[1, -lengths[1] :] - alone[0]).abs().max() <= 1e-5
+
+
+def _record_rope_positions(model: Llama, monkeypatch) -> list[torch.Tensor]:
+    """Every positions tensor the model's rotary embedding is asked for, in call order."""
+    seen, cos_sin = [], model.rotary.cos_sin
+
+    def spy(positions):
+        seen.append(positions.detach().cpu().clone())
+        return cos_sin(positions)
+
+    monkeypatch.setattr(model.rotary, "cos_sin", spy)
+    return seen
+
+
+def test_left_padding_positions_restart_after_the_pads(monkeypatch):
+    """RoPE is relative, so logits cannot show positions that count the pads (every real token
+    shifted by the same amount scores the same): the positions are asserted directly."""
+    model = Llama.from_hf(_hf_tiny(False, torch.device("cpu")))
+    seen = _record_rope_positions(model, monkeypatch)
+    ids, mask = _left_pad([[5] * 4, [6] * 2, [7] * 3], pad_id=0)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)  # prefill
+        step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        model(torch.tensor([[8], [8], [8]]), attention_mask=step_mask, cache=cache)
+        model(ids[:1])  # no mask: 0, 1, 2, ...
+    assert len(seen) == 3
+    prefill, step, plain = seen
+    # pads (position 0, never attended) then 0, 1, ... for the real tokens of each row
+    assert prefill.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2]]
+    assert step.tolist() == [[4], [2], [3]]  # the next position is each row's own length
+    assert plain.tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -300,11 +332,12 @@ def test_smollm2_tokenizer_round_trip(smollm2):
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
-def test_smollm2_logits_match_transformers(smollm2):
+def test_smollm2_logits_match_transformers(smollm2, monkeypatch):
     """Three chat prompts in one left-padded batch, plus the first one alone."""
     model, tokenizer, reference = smollm2
     ids, mask = _left_pad([_chat_ids(tokenizer, p) for p in PROMPTS], model.config.pad_id)
     real = mask.bool()
+    seen = _record_rope_positions(model, monkeypatch)
     with torch.inference_mode():
         ours = model(ids, attention_mask=mask).logits
         theirs = reference(ids, attention_mask=mask, position_ids=_hf_positions(mask)).logits
@@ -313,6 +346,9 @@ def test_smollm2_logits_match_transformers(smollm2):
     assert (ours[real] - theirs[real]).abs().max() <= ATOL
     assert torch.equal(ours[real].argmax(-1), theirs[real].argmax(-1))
     assert (alone_ours - alone_theirs).abs().max() <= ATOL
+    # The positions transformers was given are the ones labkit used (RoPE is relative, so the
+    # logits alone would also agree with positions that count the pads).
+    assert torch.equal(seen[0], _hf_positions(mask))
 
 
 def test_smollm2_cached_greedy_decoding_matches_transformers(smollm2):
