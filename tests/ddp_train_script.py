@@ -16,6 +16,10 @@ TORCHELASTIC_RESTART_COUNT is 0), so torchrun restarts both ranks::
 
     torchrun --standalone --nproc_per_node 2 --max_restarts 1 tests/ddp_train_script.py OUT \
         --elastic --checkpoint-every 1 --kill-rank 1 --kill-at-step 3
+
+``--ignore-fraction`` turns a seeded share of the labels into IGNORE_INDEX (-100), so the ranks'
+shards count different numbers of targets, and ``--grad-accum`` accumulates micro-batches
+(DDP's ``no_sync`` for all but the last; each rank also saves how often it entered ``no_sync``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from labkit.nn import EncoderLayer
-from labkit.train import TrainConfig, Trainer, cleanup, init_distributed, latest_checkpoint
+from labkit.train import (
+    IGNORE_INDEX,
+    TrainConfig,
+    Trainer,
+    cleanup,
+    init_distributed,
+    latest_checkpoint,
+)
 
 # Shapes: N examples of T positions with D features, C classes.
 N, T, D, C = 24, 4, 16, 3
@@ -50,11 +61,13 @@ class TinyClassifier(nn.Module):
         return self.head(hidden.mean(dim=1))  # (B, C)
 
 
-def make_data() -> TensorDataset:
-    """The same data on every rank (its own generator, independent of the global seed)."""
+def make_data(ignore_fraction: float = 0.0) -> TensorDataset:
+    """The same data on every rank (its own generator, independent of the global seed);
+    a random ``ignore_fraction`` of the labels is IGNORE_INDEX."""
     generator = torch.Generator().manual_seed(1234)
     x = torch.randn(N, T, D, generator=generator, dtype=torch.float64)
     y = torch.randint(0, C, (N,), generator=generator)
+    y[torch.rand(N, generator=generator) < ignore_fraction] = IGNORE_INDEX
     return TensorDataset(x, y)
 
 
@@ -73,6 +86,8 @@ def train(
     elastic: bool = False,
     checkpoint_every: int | None = None,
     kill: tuple[int, int] | None = None,
+    ignore_fraction: float = 0.0,
+    grad_accum: int = 1,
 ) -> None:
     """Train with a shuffled, seeded order (over several epochs when steps * batch_size > N)
     and save this rank's results into ``out``. ``elastic``: one shared checkpoint folder,
@@ -83,6 +98,7 @@ def train(
     config = TrainConfig(
         max_steps=steps,
         batch_size=batch_size,  # global: each of the W ranks reads batch_size / W per step
+        grad_accum_steps=grad_accum,  # ... in grad_accum micro-batches
         lr=1e-2,
         device=device,  # "cuda": one GPU per rank, NCCL
         seed=SEED,
@@ -91,7 +107,17 @@ def train(
         checkpoint_dir=folder,
         checkpoint_every=checkpoint_every,
     )
-    trainer = Trainer(make_model(), config, make_data())
+    trainer = Trainer(make_model(), config, make_data(ignore_fraction))
+    no_sync_calls = 0
+    if trainer._ddp is not None:  # count the backward passes that skip the gradient all-reduce
+        no_sync = trainer._ddp.no_sync
+
+        def counting_no_sync():
+            nonlocal no_sync_calls
+            no_sync_calls += 1
+            return no_sync()
+
+        trainer._ddp.no_sync = counting_no_sync
     if kill is not None and attempt == 0 and info.rank == kill[0]:
         take_step = trainer._train_step
 
@@ -105,7 +131,11 @@ def train(
     print(f"rank {info.rank} attempt {attempt}: resuming from {resume_from}", flush=True)
     history = trainer.fit(resume_from=resume_from)
     torch.save(
-        {"state_dict": trainer.model.state_dict(), "losses": history["train_loss"].tolist()},
+        {
+            "state_dict": trainer.model.state_dict(),
+            "losses": history["train_loss"].tolist(),
+            "no_sync_calls": no_sync_calls,
+        },
         out / f"rank{info.rank}.pt",
     )
     cleanup(info)
@@ -121,6 +151,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--kill-rank", type=int)
     parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--ignore-fraction", type=float, default=0.0)
+    parser.add_argument("--grad-accum", type=int, default=1)
     args = parser.parse_args()
     kill = None if args.kill_rank is None else (args.kill_rank, args.kill_at_step)
     train(
@@ -131,6 +163,8 @@ def main() -> None:
         elastic=args.elastic,
         checkpoint_every=args.checkpoint_every,
         kill=kill,
+        ignore_fraction=args.ignore_fraction,
+        grad_accum=args.grad_accum,
     )
 
 

@@ -330,23 +330,56 @@ def _train_script() -> ModuleType:
     return module
 
 
+# Ignored targets dealt unevenly, and 2 micro-batches per step: each rank must divide its summed
+# loss by the all-reduced count of the global batch (not by its own count), and the first
+# backward of each step runs under DDP's no_sync. Timeouts are hang guards, generous under load.
+TRAIN_ARGS = ["--ignore-fraction", "0.4", "--grad-accum", "2"]
+
+
+def _rank_target_counts(script: ModuleType, steps: int = 5, batch_size: int = 8) -> list[list]:
+    """Counted (not -100) targets per step on each of 2 ranks, as the Trainer deals them."""
+    labels = script.make_data(0.4).tensors[1]
+    counts = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(
+            labels, num_replicas=2, rank=rank, shuffle=True, seed=script.SEED, drop_last=True
+        )
+        order = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            order += list(sampler)
+        per_step = batch_size // 2
+        counts.append(
+            [
+                int((labels[order[i * per_step : (i + 1) * per_step]] != -100).sum())
+                for i in range(steps)
+            ]
+        )
+    return counts
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     """The folder of one uninterrupted 2-process run of tests/ddp_train_script.py."""
     two = tmp_path_factory.mktemp("two_processes")
-    run_torchrun(TRAIN_SCRIPT, 2, [str(two)], timeout=90)
+    run_torchrun(TRAIN_SCRIPT, 2, [str(two), *TRAIN_ARGS], timeout=300)
     return two
 
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, two_process_run):
     """THE test: the Trainer on 2 ranks with B/2 examples each ends with the weights of the
-    Trainer on 1 process with all B, over 5 shuffled steps that cross an epoch boundary."""
+    Trainer on 1 process with all B, over 5 shuffled steps that cross an epoch boundary, with
+    ignored targets that the ranks count differently and gradient accumulation."""
+    script = _train_script()
+    rank0_counts, rank1_counts = _rank_target_counts(script)
+    assert rank0_counts != rank1_counts  # the shards differ: a per-rank denominator would show
     one, two = tmp_path / "one_process", two_process_run
     one.mkdir()
     subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), str(one)], check=True, timeout=60, capture_output=True
-    )
+        [sys.executable, str(TRAIN_SCRIPT), str(one), *TRAIN_ARGS],
+        check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
 
     single = torch.load(one / "rank0.pt")
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
@@ -358,8 +391,10 @@ def test_two_processes_train_like_one(tmp_path, two_process_run):
     assert rank0["losses"] == rank1["losses"]
     assert len(single["losses"]) == 5
     torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(single["losses"]))
+    # The first of the 2 micro-batches of each of the 5 steps skipped the all-reduce.
+    assert rank0["no_sync_calls"] == rank1["no_sync_calls"] == 5
     # Training moved the weights, so the agreement above is not that of untouched weights.
-    initial = _train_script().make_model().state_dict()
+    initial = script.make_model().state_dict()
     assert not torch.equal(single["state_dict"]["head.weight"], initial["head.weight"])
 
     # Only rank 0 wrote a checkpoint, and it holds the final weights.
@@ -376,9 +411,9 @@ def test_elastic_run_survives_a_killed_rank(tmp_path, two_process_run):
     """torchrun --max-restarts 1: rank 1 is SIGKILLed as step 3 begins; torchrun stops rank 0,
     starts both again, they resume from the step-2 checkpoint and end with exactly the
     weights and losses of the uninterrupted 2-process run."""
-    args = [str(tmp_path), "--elastic", "--checkpoint-every", "1"]
+    args = [str(tmp_path), "--elastic", "--checkpoint-every", "1", *TRAIN_ARGS]
     result = run_torchrun(
-        TRAIN_SCRIPT, 2, [*args, "--kill-rank", "1", "--kill-at-step", "3"], timeout=150,
+        TRAIN_SCRIPT, 2, [*args, "--kill-rank", "1", "--kill-at-step", "3"], timeout=300,
         max_restarts=1,
     )  # fmt: skip
     for rank in (0, 1):  # the first attempt started afresh, the second from step 2

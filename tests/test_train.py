@@ -366,6 +366,60 @@ def test_resume_restores_the_state_and_checks_the_checkpoint_fits(tmp_path):
         trainer.resume(tmp_path / "missing.pt")
 
 
+def test_resume_restores_early_stopping_state(tmp_path):
+    """A run resumed between a best evaluation and the end of its patience stops at the very step
+    the uninterrupted run stopped at: the best loss and the count of evaluations without
+    improvement are carried over, not restarted."""
+    cfg = config(
+        max_steps=40,
+        eval_every=1,
+        early_stopping_patience=3,
+        checkpoint_dir=tmp_path / "full",
+        checkpoint_every=1,
+    )
+    train, held_out = _classification(64, flip=False), _classification(32, flip=True)
+    torch.manual_seed(0)
+    full = Trainer(TinyClassifier(), cfg, train, held_out)
+    full.fit()
+    assert full.stopped_early
+    eval_loss = full.history["eval_loss"].tolist()
+    best = eval_loss.index(min(eval_loss))
+    resume_step = best + 2  # one evaluation without improvement already counted
+    resumed = Trainer(TinyClassifier(), replace(cfg, checkpoint_dir=tmp_path / "b"), train, held_out)
+    resumed.resume(checkpoint_path(tmp_path / "full", resume_step))
+    assert resumed.best_eval_loss == min(eval_loss[:resume_step]) == full.best_eval_loss
+    assert resumed.evals_without_improvement == 1 and not resumed.stopped_early
+    resumed.fit()
+    assert resumed.stopped_early and resumed.step == full.step == best + 1 + 3
+    # Resumed from the last checkpoint, a run that stopped early stays stopped.
+    done = Trainer(TinyClassifier(), replace(cfg, checkpoint_dir=tmp_path / "c"), train, held_out)
+    done.resume(checkpoint_path(tmp_path / "full", full.step))
+    assert done.stopped_early and done.evals_without_improvement == 3
+    done.fit()
+    assert done.step == full.step
+
+
+def test_resume_restores_the_grad_scaler(tmp_path):
+    """The loss scale (halved by every skipped fp16 step) and its growth tracker are resumed:
+    a fresh scaler would restart at its initial scale. GradScaler runs on the CPU here."""
+
+    def trainer(directory) -> Trainer:
+        cfg = config(max_steps=4, checkpoint_dir=directory, checkpoint_every=1)
+        t = Trainer(make_lm(), cfg, lm_data(), loss_fn=_nan_gradient_loss)
+        t.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+        return t
+
+    full = trainer(tmp_path / "full")
+    full.fit()
+    assert full.scaler.get_scale() == 1024.0 / 2**4  # every step overflowed and halved it
+    resumed = trainer(tmp_path / "b")
+    resumed.resume(checkpoint_path(tmp_path / "full", 2))
+    assert resumed.scaler.get_scale() == 256.0
+    resumed.fit()
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    assert resumed.history["skipped"].tolist() == [True] * 4
+
+
 def test_checkpoint_files_are_listed_and_pruned(tmp_path):
     run(
         make_lm(),
