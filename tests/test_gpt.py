@@ -242,8 +242,11 @@ def test_attention_mask_blocks_pad_keys():
     ids, mask = left_padded([[3, 4, 5, 6], [7, 8]])
     with torch.no_grad():
         weights = model(ids, attention_mask=mask, need_weights=True).attentions
+    assert len(weights) == model.config.n_layers  # an empty list would pass the loop below
     for w in weights:
+        assert w.shape == (2, model.config.n_heads, 4, 4)
         assert w[1, :, 2:, :2].abs().max() == 0  # the real tokens of row 1 never see its pads
+        assert w[1, :, 2:, 2:].sum(-1).allclose(torch.ones(model.config.n_heads, 2))
 
 
 # ----------------------------------------------------------------------------------------------
