@@ -275,7 +275,28 @@ def test_perplexity_errors():
 # ----------------------------------------------------------------------------------------------
 
 
-class CachelessGPT(GPT):
+class _TokenClock:
+    """A fake ``time`` for labkit.inference whose clock advances only when the model runs: by
+    1 s per token position it processes. Timings then have exact expected values (cost models
+    of cached and uncached decoding), so the helpers' arithmetic and bookkeeping are checked
+    against numbers computed independently, not against their own formula."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class ClockedGPT(GPT):
+    clock: _TokenClock
+
+    def forward(self, input_ids, **kwargs) -> CausalLMOutput:
+        self.clock.now += input_ids.numel()
+        return super().forward(input_ids, **kwargs)
+
+
+class CachelessGPT(ClockedGPT):
     """A broken model: without a cache it favours token 0, so its uncached tokens differ."""
 
     def forward(self, input_ids, *, cache=None, **kwargs) -> CausalLMOutput:
@@ -285,31 +306,47 @@ class CachelessGPT(GPT):
         return out
 
 
-def test_kv_cache_speedup_reports_identical_tokens():
-    table = kv_cache_speedup(_tiny("gpt"), torch.randint(0, 256, (1, 6)), lengths=(3, 6))
+@pytest.fixture
+def clocked(monkeypatch) -> ClockedGPT:
+    import labkit.inference
+
+    model = ClockedGPT(GPTConfig.preset("tiny")).eval()
+    model.clock = _TokenClock()
+    monkeypatch.setattr(labkit.inference, "time", model.clock)
+    return model
+
+
+def test_kv_cache_speedup_reports_identical_tokens(clocked):
+    prompt = torch.randint(0, 256, (1, 6))
+    table = kv_cache_speedup(clocked, prompt, lengths=(3, 6))
     assert list(table.columns) == ["new_tokens", "cached_s", "uncached_s", "speedup", "identical"]
     assert table["new_tokens"].tolist() == [3, 6]
     assert table["identical"].all()
-    assert (table["speedup"] == table["uncached_s"] / table["cached_s"]).all()
+    # Cached: the prompt once, then one token per step. Uncached: the whole sequence each step.
+    for n, row in zip((3, 6), table.itertuples(), strict=True):
+        cached, uncached = 6 + (n - 1), sum(6 + i for i in range(n))
+        assert (row.cached_s, row.uncached_s) == (cached, uncached)
+        assert row.speedup == pytest.approx(uncached / cached)
+    assert table["speedup"].iloc[1] > table["speedup"].iloc[0] > 1  # grows with the length
 
     broken = CachelessGPT(GPTConfig.preset("tiny")).eval()
+    broken.clock = clocked.clock
     table = kv_cache_speedup(broken, torch.randint(1, 256, (1, 6)), lengths=(4,))
     assert not table["identical"].any()
 
 
-def test_time_generation_and_throughput_vs_batch():
-    model = _tiny("llama")
+def test_time_generation_and_throughput_vs_batch(clocked):
     prompt = torch.randint(0, 256, (7,))
-    timing = time_generation(model, prompt, max_new_tokens=5, repeats=2)
+    timing = time_generation(clocked, prompt, max_new_tokens=5, repeats=2)
     assert timing.tokens.shape == (1, 5)
-    assert timing.tokens_per_s == pytest.approx(5 / timing.seconds)
+    assert timing.seconds == 7 + 4  # prefill of 7, then 4 single-token steps
+    assert timing.tokens_per_s == pytest.approx(5 / 11)
 
-    table = throughput_vs_batch(model, prompt, batch_sizes=(1, 3), max_new_tokens=4)
+    table = throughput_vs_batch(clocked, prompt, batch_sizes=(1, 3), max_new_tokens=4)
     assert table["batch"].tolist() == [1, 3]
-    assert table["tokens_per_s"].tolist() == pytest.approx(
-        [4 * b / s for b, s in zip(table["batch"], table["seconds"], strict=True)]
-    )
-    assert table["speedup"].iloc[0] == 1.0
+    assert table["seconds"].tolist() == [10, 30]  # this fake clock charges every row alike
+    assert table["tokens_per_s"].tolist() == pytest.approx([0.4, 0.4])
+    assert table["speedup"].tolist() == pytest.approx([1.0, 1.0])
 
 
 def test_compare_precisions_table():
