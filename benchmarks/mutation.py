@@ -40,22 +40,24 @@ class Target:
     pytest_args: tuple[str, ...] = field(default=())  # e.g. ("-k", "schedule")
 
 
+ATTENTION_TESTS = ("tests/test_attention.py", "tests/test_masks.py", "tests/test_rotary_attention.py")
+
 TARGETS: dict[str, Target] = {
-    "attention": Target(
-        "labkit/attention.py",
-        ("tests/test_attention.py", "tests/test_masks.py", "tests/test_rotary_attention.py"),
-    ),
+    "attention": Target("labkit/nn/attention.py", ATTENTION_TESTS),
+    "masks": Target("labkit/nn/masks.py", ATTENTION_TESTS),
+    "efficient": Target("labkit/nn/efficient.py", ("tests/test_attention.py",)),
+    "cache": Target("labkit/nn/cache.py", ATTENTION_TESTS),
     "positional": Target(
-        "labkit/positional.py", ("tests/test_positional.py", "tests/test_rotary_attention.py")
+        "labkit/nn/positional.py", ("tests/test_positional.py", "tests/test_rotary_attention.py")
     ),
-    "norms": Target("labkit/layers.py", ("tests/test_layers.py",)),
+    "norms": Target("labkit/nn/layers.py", ("tests/test_layers.py",)),
     "schedules": Target(
-        "labkit/schedules.py",
+        "labkit/train/schedules.py",
         ("tests/test_train.py",),
         pytest_args=("-k", "noam or cosine or constant_lr or schedule"),
     ),
     "losses": Target(
-        "labkit/losses.py",
+        "labkit/train/losses.py",
         ("tests/test_train.py",),
         pytest_args=("-k", "loss or smoothing or accuracy or batch or metrics or outputs"),
     ),

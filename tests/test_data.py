@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from labkit import data
-from labkit.data import BPETokenizer, CharTokenizer, corpora
+from labkit.data import BPETokenizer, CharTokenizer, corpora, hub
 
 
 def _package_dir(module: str) -> Path:
@@ -478,7 +478,7 @@ def no_download(online_env):
     def refuse(*args, **kwargs):
         raise AssertionError("load_dataset must not be called when the Hub is unreachable")
 
-    online_env.setattr(data, "load_dataset", refuse)
+    online_env.setattr(hub, "load_dataset", refuse)
     return online_env
 
 
