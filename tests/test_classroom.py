@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from labkit.course.classroom import with_nbgrader_metadata
-from labkit.course.exercises import starter_notebook
+from labkit.course.exercises import course_notebooks, starter_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 EXERCISE = ROOT / "notebooks" / "exercises" / "ex_4_1_self_attention.ipynb"
@@ -125,3 +125,21 @@ def test_nbgrader_generate_assignment_and_autograde(tmp_path, monkeypatch):
     assert scores["starter"] == {f"task{k}_check": 0.0 for k in (1, 2, 3, 4)}
     assert scores["partial"] == {"task1_check": 1.0, "task2_check": 0.0,
                                  "task3_check": 1.0, "task4_check": 0.0}  # fmt: skip
+
+
+COURSE_NOTEBOOKS = course_notebooks(ROOT / "notebooks")  # lessons and exercises/
+
+
+@pytest.mark.parametrize("path", COURSE_NOTEBOOKS, ids=[p.stem for p in COURSE_NOTEBOOKS])
+def test_exercises_carry_nbgrader_metadata(path):
+    nb = nbformat.read(path, as_version=4)
+    fix = f"python -m labkit.course.classroom {path.relative_to(ROOT)}"
+    assert with_nbgrader_metadata(nb) == nb, f"nbgrader metadata out of step with the tags: {fix}"
+    cells = [c for c in nb.cells if _grader(c)]
+    ids = [_grader(c)["grade_id"] for c in cells]
+    assert len(ids) == len(set(ids)), f"duplicate grade_ids in {path.name}: {ids}"
+    checks = [c for c in cells if _grader(c)["grade"]]
+    answers = [c for c in cells if _grader(c)["solution"]]
+    exercises = [c for c in nb.cells if "exercise" in _tags(c)]
+    assert len(checks) >= len(exercises) >= 2 and len(answers) >= len(exercises)
+    assert all(_grader(c)["points"] > 0 and _grader(c)["locked"] for c in checks)
