@@ -44,7 +44,7 @@ def tasks(course: nbformat.NotebookNode) -> list[dict]:
             found.append({"starters": [], "solution": [], "checks": []})
         elif found and cell_role(cell) == "answer":
             found[-1]["starters"].append(cell.get("id"))
-        elif found and cell_role(cell) == "solution":
+        elif found and cell_role(cell) == "solution" and cell.cell_type == "code":
             found[-1]["solution"].append(cell.source)
         elif found and cell_role(cell) == "check":
             found[-1]["checks"].append(cell)

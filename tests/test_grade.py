@@ -70,7 +70,14 @@ def course_notebook() -> nbformat.NotebookNode:
             "if squares is None:\n    squares = [i * i for i in range(5)]",
             ["solution", "hide-input"],
         ),
-        _cell("code", "t2-check", "assert squares == [0, 1, 4, 9, 16], squares", ["check"]),
+        _cell(  # the course's check helper: it raises only in strict mode, as labkit grade runs it
+            "code",
+            "t2-check",
+            "from labkit.course.checks import check\n\n"
+            'with check("Task 2", answers=["squares"]):\n'
+            "    assert squares == [0, 1, 4, 9, 16], squares",
+            ["check"],
+        ),
         _cell("md", "t3", "## Task 3: a word\n\nThe course's favourite word.", ["exercise"]),
         _cell("code", "t3-start", "word = None", ["starter"]),
         _cell(
@@ -348,6 +355,7 @@ def test_hostile_class(tmp_path, course, monkeypatch):
     errors = {s: [c.error for c in r.checks] for s, r in res.items()}
     assert points["alice"] == [1, 1, 2], errors["alice"]
     assert points["bob"] == [1, 0, 0]
+    assert "CheckFailed" in errors["bob"][1]  # strict mode reached the sandbox
     assert points["carol"] == [1, 0, 0]
     assert "time limit of 30 s" in res["carol"].error and "not run" in errors["carol"][1]
     assert points["dave"] == [1, 0, 2]
