@@ -40,7 +40,11 @@ class Target:
     pytest_args: tuple[str, ...] = field(default=())  # e.g. ("-k", "schedule")
 
 
-ATTENTION_TESTS = ("tests/test_attention.py", "tests/test_masks.py", "tests/test_rotary_attention.py")
+ATTENTION_TESTS = (
+    "tests/test_attention.py",
+    "tests/test_masks.py",
+    "tests/test_rotary_attention.py",
+)
 
 TARGETS: dict[str, Target] = {
     "attention": Target("labkit/nn/attention.py", ATTENTION_TESTS),

@@ -85,7 +85,9 @@ def _write(path: Path, notebook: dict) -> Path:
     return path
 
 
-def _executed(smoke: bool, *, finished: bool = True, error: bool = False) -> dict:
+def _executed(
+    smoke: bool, *, finished: bool = True, error: bool = False, fingerprint: str | None = None
+) -> dict:
     papermill = {
         "parameters": {"SMOKE": smoke},
         "end_time": "2026-11-26T12:00:00" if finished else None,
@@ -93,7 +95,8 @@ def _executed(smoke: bool, *, finished: bool = True, error: bool = False) -> dic
     }
     failure = {"output_type": "error", "ename": "E", "evalue": "", "traceback": []}
     outputs = [failure] if error else []
-    return _notebook([_markdown("# 01 · Title"), _code("1", outputs)], {"papermill": papermill})
+    metadata = {"papermill": papermill, book.FINGERPRINT_KEY: fingerprint}
+    return _notebook([_markdown("# 01 · Title"), _code("1", outputs)], metadata)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,42 +189,107 @@ def test_executed_mode_reads_papermills_record(tmp_path: Path):
     assert book.executed_mode(tmp_path / "missing.ipynb") is None
 
 
-def test_copy_is_fresh_only_if_newer_same_mode_and_clean(tmp_path: Path):
+def _fake_package(tmp_path: Path) -> Path:
+    package = tmp_path / "pkg"
+    _write_text(package / "nn" / "attention.py", "def attend(): return 1\n")
+    _write_text(package / "nn" / "__pycache__" / "attention.cpython-311.pyc", "cache")
+    return package
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_copy_is_fresh_only_for_the_same_sources_same_mode_and_clean(tmp_path: Path):
     source = _write(tmp_path / "notebooks" / "01_x.ipynb", _notebook([_markdown("# 01")]))
-    copy = _write(book.executed_path(source, smoke=True, root=tmp_path), _executed(True))
+    package = _fake_package(tmp_path)
+    stamp = book.source_fingerprint(source, package)
+    copy = _write(
+        book.executed_path(source, smoke=True, root=tmp_path), _executed(True, fingerprint=stamp)
+    )
     assert copy == tmp_path / "build" / "executed" / "smoke" / "01_x.ipynb"
-    now = time.time()
-    os.utime(source, (now - 100, now - 100))
-    os.utime(copy, (now, now))
-    assert book.is_fresh(source, copy, smoke=True)
-    assert not book.is_fresh(source, copy, smoke=False)  # run in the other mode
-    os.utime(source, (now + 10, now + 10))  # the notebook was edited after the run
-    assert not book.is_fresh(source, copy, smoke=True)
-    os.utime(source, (now - 100, now - 100))
-    _write(copy, _executed(True, error=True))
-    os.utime(copy, (now, now))
-    assert not book.is_fresh(source, copy, smoke=True)  # a failed run is never reused
-    assert not book.is_fresh(source, tmp_path / "nothing.ipynb", smoke=True)
+    fresh = lambda smoke=True: book.is_fresh(source, copy, smoke=smoke, package_dir=package)  # noqa: E731
+    assert fresh()
+    assert not fresh(smoke=False)  # run in the other mode
+    # Times say nothing: a copy older than its notebook is still fresh if nothing changed.
+    os.utime(copy, (time.time() - 100,) * 2)
+    assert fresh()
+    # labkit changed since the run (however old the edit's time stamp): stale.
+    module = package / "nn" / "attention.py"
+    module.write_text("def attend(): return 2\n", encoding="utf-8")
+    os.utime(module, (time.time() - 1000,) * 2)
+    assert not fresh()
+    module.write_text("def attend(): return 1\n", encoding="utf-8")
+    assert fresh()
+    (package / "nn" / "__pycache__" / "attention.cpython-311.pyc").write_text("other")
+    assert fresh()  # caches are not sources
+    _write_text(package / "nn" / "new.py", "")
+    assert not fresh()  # a new module is a change too
+    (package / "nn" / "new.py").unlink()
+    # The notebook itself was edited: stale.
+    _write(source, _notebook([_markdown("# 01 edited")]))
+    assert not fresh()
+    _write(source, _notebook([_markdown("# 01")]))
+    assert fresh()
+    _write(copy, _executed(True, error=True, fingerprint=stamp))
+    assert not fresh()  # a failed run is never reused
+    _write(copy, _executed(True))
+    assert not fresh()  # no fingerprint recorded: cannot tell what it ran
+    assert not book.is_fresh(source, tmp_path / "nothing.ipynb", smoke=True, package_dir=package)
 
 
 def test_ensure_executed_reuses_a_fresh_copy_and_runs_a_stale_one(tmp_path: Path):
     calls = []
+    package = _fake_package(tmp_path)
 
     def fake_runner(source: Path, target: Path, *, smoke: bool) -> None:
         calls.append((source.name, smoke))
-        _write(target, _executed(smoke))
+        _write(target, _executed(smoke, fingerprint=book.source_fingerprint(source, package)))
+
+    def ensure(**kwargs):
+        return book.ensure_executed(
+            source, root=tmp_path, runner=fake_runner, package_dir=package, **kwargs
+        )
 
     source = _write(tmp_path / "notebooks" / "01_x.ipynb", _notebook([_markdown("# 01")]))
-    os.utime(source, (time.time() - 100,) * 2)
-    first = book.ensure_executed(source, smoke=True, root=tmp_path, runner=fake_runner)
+    first = ensure(smoke=True)
     assert not first.reused and calls == [("01_x.ipynb", True)]
-    again = book.ensure_executed(source, smoke=True, root=tmp_path, runner=fake_runner)
+    again = ensure(smoke=True)
     assert again.reused and again.executed == first.executed and len(calls) == 1
-    full = book.ensure_executed(source, smoke=False, root=tmp_path, runner=fake_runner)
+    full = ensure(smoke=False)
     assert not full.reused and calls[-1] == ("01_x.ipynb", False)
     assert full.executed.parent.name == "full"
-    forced = book.ensure_executed(source, smoke=True, root=tmp_path, force=True, runner=fake_runner)
+    forced = ensure(smoke=True, force=True)
     assert not forced.reused and len(calls) == 3
+    (package / "nn" / "attention.py").write_text("changed", encoding="utf-8")
+    assert not ensure(smoke=True).reused and len(calls) == 4  # labkit changed: run again
+
+
+def test_run_notebook_replaces_the_executed_copy_atomically(tmp_path: Path, monkeypatch):
+    """papermill writes elsewhere; the copy is renamed into place with its fingerprint, so a
+    concurrent reader sees the old copy or the whole new one, never a half-written file."""
+    import papermill
+
+    from labkit.course import notebooks
+
+    source = _write(tmp_path / "01_x.ipynb", _notebook([_markdown("# 01")]))
+    output = _write(tmp_path / "out" / "01_x.ipynb", _executed(True, fingerprint="old"))
+    seen = []
+
+    def fake_execute(input_path, output_path, **kwargs):
+        seen.append(Path(output_path))
+        assert Path(output_path) != output and Path(output_path).parent == output.parent
+        assert book.executed_fingerprint(output) == "old"  # untouched while the run goes on
+        Path(output_path).write_text(json.dumps(_executed(True)), encoding="utf-8")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    notebooks.run_notebook(source, output, smoke=True)
+    assert len(seen) == 1 and not seen[0].exists()
+    assert book.executed_fingerprint(output) == book.source_fingerprint(source)
+    assert book.executed_mode(output) == "smoke"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["01_x.ipynb"]  # no leftovers
 
 
 def test_prepare_for_book_drops_widgets_and_hides_injected_parameters():

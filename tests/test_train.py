@@ -385,7 +385,8 @@ def test_resume_restores_early_stopping_state(tmp_path):
     eval_loss = full.history["eval_loss"].tolist()
     best = eval_loss.index(min(eval_loss))
     resume_step = best + 2  # one evaluation without improvement already counted
-    resumed = Trainer(TinyClassifier(), replace(cfg, checkpoint_dir=tmp_path / "b"), train, held_out)
+    resumed_cfg = replace(cfg, checkpoint_dir=tmp_path / "b")
+    resumed = Trainer(TinyClassifier(), resumed_cfg, train, held_out)
     resumed.resume(checkpoint_path(tmp_path / "full", resume_step))
     assert resumed.best_eval_loss == min(eval_loss[:resume_step]) == full.best_eval_loss
     assert resumed.evals_without_improvement == 1 and not resumed.stopped_early

@@ -5,8 +5,11 @@
 1. finds the lesson notebooks ``notebooks/NN_topic.ipynb`` and the exercise notebooks
    ``notebooks/exercises/ex_*.ipynb``;
 2. gets an executed copy of each in ``build/executed/<mode>/`` (mode ``smoke`` or ``full``):
-   a copy is **reused** when it is newer than its notebook, was run in the requested mode and
-   finished without error (:func:`is_fresh`), and executed with papermill otherwise. The
+   a copy is **reused** when it was executed from the same notebook and the same labkit
+   sources (a hash of both, recorded in the copy by ``run_notebook``), was run in the requested
+   mode and finished without error (:func:`is_fresh`), and executed with papermill otherwise.
+   Copies are written to a temporary name and renamed, so concurrent runs never leave a
+   half-written one. The
    notebook smoke tests (``tests/test_notebooks.py``) write their copies to the same place, so
    ``python -m pytest`` executes every notebook once and the book test renders those copies;
 3. stages the book's source in ``build/book-src/``: the committed files of ``book/`` (config,
@@ -39,9 +42,12 @@ from typing import Any
 from labkit.course.notebooks import (
     NOTEBOOK_GLOB,
     NOTEBOOK_NAME,
+    PACKAGE_DIR,
     NotebookError,
+    executed_fingerprint,
     lesson_notebooks,
     run_notebook,
+    source_fingerprint,
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: labkit/course/book.py
@@ -279,13 +285,16 @@ def executed_mode(path: str | Path) -> str | None:
     return mode_name(bool(papermill.get("parameters", {}).get("SMOKE", False)))
 
 
-def is_fresh(source: str | Path, executed: str | Path, *, smoke: bool) -> bool:
-    """Whether ``executed`` can stand for ``source`` in this mode: it is newer than the
-    notebook, was run with ``SMOKE=smoke`` and finished without error."""
+def is_fresh(
+    source: str | Path, executed: str | Path, *, smoke: bool, package_dir: str | Path = PACKAGE_DIR
+) -> bool:
+    """Whether ``executed`` can stand for ``source`` in this mode: it was executed from this
+    very notebook and these labkit sources (``source_fingerprint``), was run with
+    ``SMOKE=smoke`` and finished without error."""
     source, executed = Path(source), Path(executed)
-    if not executed.exists() or executed.stat().st_mtime <= source.stat().st_mtime:
+    if executed_mode(executed) != mode_name(smoke):
         return False
-    return executed_mode(executed) == mode_name(smoke)
+    return executed_fingerprint(executed) == source_fingerprint(source, package_dir)
 
 
 @dataclass(frozen=True)
@@ -305,13 +314,14 @@ def ensure_executed(
     root: str | Path = ROOT,
     force: bool = False,
     runner: Callable[..., Any] = run_notebook,
+    package_dir: str | Path = PACKAGE_DIR,
 ) -> Execution:
     """The executed copy of ``source`` in this mode: reused if fresh (and not ``force``),
     else executed with ``runner`` (papermill by default; raises NotebookError on a failing
     cell)."""
     source = Path(source)
     target = executed_path(source, smoke=smoke, root=root)
-    if not force and is_fresh(source, target, smoke=smoke):
+    if not force and is_fresh(source, target, smoke=smoke, package_dir=package_dir):
         return Execution(source, target, True, 0.0)
     start = time.perf_counter()
     runner(source, target, smoke=smoke)

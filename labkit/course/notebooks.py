@@ -11,6 +11,8 @@ a page executed in smoke mode says so at the top, before any number it shows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -29,6 +31,37 @@ NOTEBOOK_NAME = re.compile(r"(\d\d[a-z]?)_\w+\.ipynb")
 def lesson_notebooks(directory: str | Path) -> list[Path]:
     """The lesson notebooks of ``directory`` in reading order (sorted by name: 00, 00b, 01)."""
     return sorted(p for p in Path(directory).glob(NOTEBOOK_GLOB) if NOTEBOOK_NAME.fullmatch(p.name))
+
+
+# An executed copy records what it was executed from: a hash of the notebook and of every file of
+# the labkit package it imported. The book reuses a copy only while both are unchanged (a file's
+# modification time says nothing about the labkit code a notebook ran).
+FINGERPRINT_KEY = "labkit_fingerprint"  # in the executed notebook's metadata
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the labkit package (labkit/course/..)
+
+
+def source_fingerprint(notebook: str | Path, package_dir: str | Path = PACKAGE_DIR) -> str:
+    """sha256 of ``notebook``'s bytes and of every file under ``package_dir`` (its relative
+    path and bytes, in sorted order; caches such as ``__pycache__`` left out)."""
+    digest = hashlib.sha256(b"notebook\0" + Path(notebook).read_bytes())
+    package_dir = Path(package_dir)
+    files = sorted(
+        p for p in package_dir.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )  # fmt: skip
+    for path in files:
+        digest.update(b"\0" + path.relative_to(package_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def executed_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint recorded in an executed copy; None if missing or unreadable."""
+    try:
+        notebook = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return notebook.get("metadata", {}).get(FINGERPRINT_KEY)
 
 
 STRICT_ENV = "LABKIT_STRICT_CHECKS"  # labkit.course.checks.STRICT_ENV
@@ -124,8 +157,11 @@ def run_notebook(
 ) -> NotebookRun:
     """Execute ``notebook`` into ``output`` with ``SMOKE=smoke`` (plus ``parameters``).
 
-    The working directory is the notebook's folder, as in JupyterLab. Raises NotebookError
-    naming the failing cell, with its source and traceback. ``strict_checks`` (default) runs
+    papermill writes to a temporary file beside ``output``, which is renamed onto ``output``
+    at the end with the notebook's ``source_fingerprint`` in its metadata: a reader (the
+    book build, another test process) sees the old copy or the finished new one, never a
+    half-written file. The working directory is the notebook's folder, as in JupyterLab.
+    Raises NotebookError naming the failing cell, with its source and traceback. ``strict_checks`` (default) runs
     the kernel with ``LABKIT_STRICT_CHECKS=1``: an exercise check that fails raises
     (``labkit.course.checks``), so a wrong solution fails the run; ``False`` runs it as a learner's
     Run All does, every check reported and the notebook run to its end.
@@ -140,13 +176,15 @@ def run_notebook(
     notebook, output = Path(notebook), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    fingerprint = source_fingerprint(notebook)  # what is about to run
+    partial = output.with_name(f".{output.stem}.{os.getpid()}.{time.time_ns()}.partial.ipynb")
     error = None
     saved = os.environ.get(STRICT_ENV)
     os.environ[STRICT_ENV] = "1" if strict_checks else "0"  # the kernel inherits it
     try:
         papermill.execute_notebook(
             str(notebook),
-            str(output),
+            str(partial),
             parameters={"SMOKE": smoke, **(parameters or {})},
             kernel_name=kernel,
             cwd=str(notebook.parent),
@@ -160,6 +198,14 @@ def run_notebook(
             os.environ.pop(STRICT_ENV, None)
         else:
             os.environ[STRICT_ENV] = saved
+        try:
+            if partial.exists():  # also a failed run: its copy shows the error (never reused)
+                executed = json.loads(partial.read_text(encoding="utf-8"))
+                executed.setdefault("metadata", {})[FINGERPRINT_KEY] = fingerprint
+                partial.write_text(json.dumps(executed, indent=1) + "\n", encoding="utf-8")
+                os.replace(partial, output)  # atomic on one file system
+        finally:
+            partial.unlink(missing_ok=True)
     if error is not None:  # raised outside the except block: no chained papermill dump
         traceback = ANSI.sub("", "\n".join(error.traceback))
         raise NotebookError(
