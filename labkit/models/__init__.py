@@ -8,6 +8,8 @@
 Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
 smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
 ``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches).
+``lora.py`` adds LoRA adapters to any model's linear layers (``apply_lora``, merge/unmerge,
+adapter save/load, a merged Llama saved for ``transformers``), computed as ``peft`` does.
 ``pretrained.py`` loads real weights from pip-installed packages into them
 (``load("minilm")``, ``load("smollm2-135m-instruct")``, ``load_gpt2(path_or_hub_id)``).
 """
@@ -25,6 +27,19 @@ from labkit.models.bert import (
 )
 from labkit.models.gpt import GPT, GPTConfig
 from labkit.models.llama import Llama, LlamaConfig
+from labkit.models.lora import (
+    LoRALinear,
+    ParameterReport,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    merged,
+    save_adapter,
+    save_merged_llama,
+    trainable_parameters,
+    unmerge_lora,
+)
 from labkit.models.pretrained import (
     Pretrained,
     PretrainedUnavailableError,
@@ -48,16 +63,27 @@ __all__ = [
     "GPTConfig",
     "Llama",
     "LlamaConfig",
+    "LoRALinear",
     "ModelCache",
+    "ParameterReport",
     "Pretrained",
     "PretrainedUnavailableError",
     "Seq2SeqOutput",
     "Transformer",
     "TransformerConfig",
+    "apply_lora",
     "best_span",
     "load",
     "load_gpt2",
     "load_minilm",
+    "load_adapter",
     "load_smollm2",
+    "lora_state_dict",
     "mean_pool",
+    "merge_lora",
+    "merged",
+    "save_adapter",
+    "save_merged_llama",
+    "trainable_parameters",
+    "unmerge_lora",
 ]

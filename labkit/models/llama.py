@@ -152,6 +152,29 @@ class LlamaConfig:
             pad_id=_first_id(hf_config.pad_token_id),
         )
 
+    def to_hf(self) -> Any:
+        """The ``transformers.LlamaConfig`` of this config (the inverse of ``from_hf``)."""
+        import transformers
+
+        return transformers.LlamaConfig(
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_len,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads,
+            hidden_size=self.d_model,
+            intermediate_size=self.d_ff,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.eps,
+            tie_word_embeddings=self.tie_weights,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+        )
+
 
 def _first_id(token_id: int | list[int] | None) -> int | None:
     """Llama 3 lists several end-of-sequence ids; labkit keeps one (the first)."""
@@ -371,3 +394,29 @@ class Llama(nn.Module):
                     )
                 dst.copy_(src)
         return model.eval()
+
+    def to_hf(self) -> nn.Module:
+        """A ``transformers.LlamaForCausalLM`` copy of this model (eval mode, same dtype/device).
+
+        The inverse of ``from_hf``, through the same ``hf_name_map``; ``save_pretrained`` on the
+        result writes a folder that ``LlamaForCausalLM.from_pretrained`` loads. The model must
+        be a plain ``Llama`` (merge and remove any LoRA first: ``labkit.models.lora.merged``).
+        """
+        import transformers
+
+        weight = self.embed_tokens.weight
+        hf = transformers.LlamaForCausalLM(self.config.to_hf()).to(weight.device, weight.dtype)
+        ours, theirs = self.state_dict(), hf.state_dict()
+        names = hf_name_map(self.config.n_layers, self.config.tie_weights)
+        unexpected = sorted(set(ours) - set(names.values()) - {"lm_head.weight"})
+        if unexpected:
+            raise ValueError(
+                f"parameters {unexpected} have no Hugging Face name: to_hf exports a plain "
+                "Llama (merge LoRA adapters first with labkit.models.lora.merged)"
+            )
+        with torch.no_grad():
+            for their_name, our_name in names.items():
+                theirs[their_name].copy_(ours[our_name])
+        if self.config.tie_weights:
+            hf.tie_weights()
+        return hf.eval()
