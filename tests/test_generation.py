@@ -263,9 +263,11 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     batch = top_p_filter(torch.stack([logits, other]), 0.72)  # row by row
     assert kept(batch[0]) == {1, 3, 4} and kept(batch[1]) == {2, 0}
     torch.testing.assert_close(top_k_filter(logits, 2)[[1, 3]], logits[[1, 3]])  # kept as is
-    for bad in (lambda: top_k_filter(logits, 0), lambda: top_p_filter(logits, 1.5)):
-        with pytest.raises(ValueError):
-            bad()
+    with pytest.raises(ValueError, match=r"k must be >= 1, got 0"):
+        top_k_filter(logits, 0)
+    for p in (1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"p must be in \(0, 1\], got {p}"):
+            top_p_filter(logits, p)
 
 
 def test_temperature_and_eos_suppression():
