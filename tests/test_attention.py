@@ -315,12 +315,23 @@ def test_mha_returns_named_output(device):
     assert output.shape == (2, 3, 16) and weights.shape == (2, 4, 3, 3)
 
 
+def test_from_torch_keeps_dtype_and_dropout():
+    ref = nn.MultiheadAttention(16, 4, dropout=0.25, batch_first=True).double()
+    ours = MultiHeadAttention.from_torch(ref)
+    assert ours.dropout == 0.25
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+
+
 def test_from_torch_rejects_unsupported_modules():
-    with pytest.raises(ValueError, match="batch_first=True"):
+    with pytest.raises(
+        ValueError, match=r"^from_torch needs nn.MultiheadAttention\(batch_first=True\)$"
+    ):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(16, 4))
     with pytest.raises(ValueError, match="embed_dim=16, kdim=8, vdim=16"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(16, 4, kdim=8, batch_first=True))
-    with pytest.raises(ValueError, match="add_bias_kv"):
+    with pytest.raises(
+        ValueError, match="^from_torch does not support add_bias_kv or add_zero_attn$"
+    ):
         MultiHeadAttention.from_torch(
             nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
         )
@@ -431,8 +442,55 @@ def test_need_weights_selects_the_math_backend_under_auto(device):
     assert mha(x).weights is None
     assert mha(x, need_weights=True).weights.shape == (1, 4, 3, 3)
     mha.backend = "sdpa"
-    with pytest.raises(ValueError, match="backend='sdpa' cannot return weights"):
+    with pytest.raises(
+        ValueError, match="^backend='sdpa' cannot return weights; use backend 'math' or 'auto'$"
+    ):
         mha(x, need_weights=True)
+
+
+@pytest.mark.parametrize(
+    ("backend", "need_weights", "fused"),
+    [("auto", False, True), ("auto", True, False), ("math", False, False), ("sdpa", False, True)],
+)
+def test_backend_choice_reaches_the_fused_kernel(monkeypatch, backend, need_weights, fused):
+    """Which path runs (both give the same numbers, so outputs cannot tell): "auto" takes the
+    fused kernel unless weights are asked for, "math" never does, "sdpa" always."""
+    import labkit.nn.attention as attention_module
+
+    calls = []
+    sdpa_backend = attention_module._sdpa_backend
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return sdpa_backend(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_sdpa_backend", spy)
+    mha = MultiHeadAttention(16, 4, backend=backend).eval()
+    assert mha.backend == backend
+    out = mha(torch.randn(1, 3, 16), need_weights=need_weights)
+    assert bool(calls) == fused
+    assert (out.weights is not None) == need_weights  # weights only when asked for
+
+
+def test_smallest_head_counts_are_valid_and_zero_is_refused():
+    assert MultiHeadAttention(8, 1).head_dim == 8  # one head is plain attention
+    assert MultiHeadAttention(8, 2, n_kv_heads=1).k_proj.out_features == 4  # MQA
+    with pytest.raises(ValueError, match="^d_model=8 must be divisible by n_heads=0$"):
+        MultiHeadAttention(8, 0)
+    with pytest.raises(ValueError, match="^n_heads=2 must be divisible by n_kv_heads=0$"):
+        MultiHeadAttention(8, 2, n_kv_heads=0)
+
+
+def test_cross_attention_cache_with_a_one_token_memory():
+    """The memory is projected once, on the first call, even when it is a single position."""
+    mha = MultiHeadAttention(16, 4).eval()
+    memory, x = torch.randn(1, 1, 16), torch.randn(1, 3, 16)
+    cache = KVCache()
+    with torch.no_grad():
+        steps = [mha(x[:, t : t + 1], memory, cache=cache).output for t in range(3)]
+        full = mha(x, memory).output
+    assert cache.seq_len == 1
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -641,8 +699,16 @@ def test_mha_rejects_bad_configuration(kwargs, message):
             r"key \(2, 4, 16\), value \(2, 6, 16\)",
         ),
         (
+            lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 4, 16), torch.randn(2, 4, 12)),
+            r"^value must be \(batch, seq, d_model=16\), got shape \(2, 4, 12\)$",
+        ),
+        (
+            lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 4, 16), torch.randn(3, 4, 16)),
+            r"batch sizes differ: query \(2, 5, 16\), key \(2, 4, 16\), value \(3, 4, 16\)",
+        ),
+        (
             lambda m: m(torch.randn(2, 5, 16), value=torch.randn(2, 5, 16)),
-            "value was given without key",
+            "^value was given without key; pass key for cross-attention$",
         ),
         (
             lambda m: m(torch.randn(2, 5, 16), mask=torch.ones(5, 4, dtype=torch.bool)),
@@ -650,11 +716,11 @@ def test_mha_rejects_bad_configuration(kwargs, message):
         ),
         (
             lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 3, 16), rotary=ToyRotary()),
-            "rotary embeddings apply to self-attention only",
+            r"^rotary embeddings apply to self-attention only \(key must be None\)$",
         ),
         (
             lambda m: m(torch.randn(2, 5, 16), positions=torch.arange(5)),
-            "positions .* rotary is None",
+            "^positions are only used by rotary, but rotary is None$",
         ),
     ],
 )

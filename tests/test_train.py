@@ -189,6 +189,28 @@ def test_schedule_functions_reject_bad_arguments():
         cosine_lr(1, 1e-3, 10, 5)
     with pytest.raises(ValueError, match="base_lr must be a number >= 0"):
         constant_lr(1, -1.0)
+    with pytest.raises(ValueError, match="base_lr must be a number >= 0, got -1.0"):
+        cosine_lr(1, -1.0, 2, 4)
+    with pytest.raises(ValueError, match="min_lr must be a number >= 0, got -0.5"):
+        cosine_lr(1, 1.0, 2, 4, min_lr=-0.5)
+    # bools are ints in Python, but True steps or rates are mistakes, not numbers
+    with pytest.raises(ValueError, match="step counts optimizer updates from 1, got True"):
+        constant_lr(True, 1.0)
+    with pytest.raises(ValueError, match="warmup must be an int >= 0, got True"):
+        constant_lr(1, 1.0, True)
+    with pytest.raises(ValueError, match="base_lr must be a number >= 0, got True"):
+        constant_lr(1, True)
+    with pytest.raises(ValueError, match="max_steps must be an int >= warmup=0, got True"):
+        cosine_lr(1, 1.0, 0, True)
+    with pytest.raises(ValueError, match="d_model must be a positive int, got True"):
+        noam_lr(1, True, 4)
+
+
+def test_schedules_at_their_edges():
+    """The smallest valid settings: the warm-up ending on the last step, a width of 1."""
+    assert cosine_lr(3, 1.0, 3, 3) == 1.0  # max_steps == warmup: the peak, then the floor
+    assert cosine_lr(4, 1.0, 3, 3, min_lr=0.1) == 0.1
+    assert noam_lr(1, 1, 1) == 1.0  # d_model = 1 is a (tiny) valid width
 
 
 @pytest.mark.parametrize(
