@@ -130,8 +130,21 @@ def test_norms_pass_gradcheck(make_norm):
 
 @pytest.mark.parametrize("norm_cls", [LayerNorm, RMSNorm])
 def test_norms_reject_wrong_last_dim(norm_cls):
-    with pytest.raises(ValueError, match=re.escape("(..., d_model=8), got (2, 3, 7)")):
+    name = norm_cls.__name__
+    message = f"{name} expects input of shape (..., d_model=8), got (2, 3, 7)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         norm_cls(8)(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match=re.escape(f"{name} expects input") + ".*got \\(\\)$"):
+        norm_cls(1)(torch.tensor(1.0))  # a 0-d tensor has no feature dimension
+    assert norm_cls(8)(torch.randn(8)).shape == (8,)  # one vector is fine
+
+
+def test_norm_defaults_and_repr():
+    """torch's LayerNorm eps and Llama's RMSNorm eps; the repr says what is set."""
+    assert LayerNorm(16).eps == 1e-5 and RMSNorm(16).eps == 1e-6
+    assert repr(LayerNorm(16)) == "LayerNorm(16, eps=1e-05, bias=True)"
+    assert repr(LayerNorm(16, bias=False)) == "LayerNorm(16, eps=1e-05, bias=False)"
+    assert repr(RMSNorm(16, eps=1e-5)) == "RMSNorm(16, eps=1e-05)"
 
 
 # ----------------------------------------------------------------------------------------------
