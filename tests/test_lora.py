@@ -279,3 +279,50 @@ def test_works_on_other_models():
     seq = apply_lora(torch.nn.Sequential(torch.nn.Linear(3, 3)), 1, 1, ["0"])
     assert isinstance(seq[0], LoRALinear)
     assert copy.deepcopy(seq)[0].r == 1
+
+
+def _unwrap(model: torch.nn.Module) -> None:
+    """Put the plain linear layers back (the adapters were never merged: weights untouched)."""
+    for name, layer in list(lora_layers(model)):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    model.requires_grad_(True)
+
+
+def test_smollm2_lora_matches_peft(smollm2):
+    """On the real SmolLM2-135M-Instruct, to the 1e-4 at which labkit's and transformers' base
+    models agree (tests/test_llama.py). Adapted in place (no 1 GB of copies) and restored."""
+    model, tokenizer, reference = smollm2
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.inference_mode():
+        base = model(ids).logits
+    config = peft.LoraConfig(r=8, lora_alpha=16.0, target_modules=["q_proj", "v_proj"])
+    theirs = None
+    try:
+        ours = apply_lora(model, 8, 16.0, ["q_proj", "v_proj"])
+        theirs = peft.get_peft_model(reference, config).eval()
+        theirs_params = dict(theirs.named_parameters())
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, layer in lora_layers(ours):
+                layer.lora_B.normal_(0.0, 0.05)
+                prefix = f"base_model.model.{_to_hf_module(name, ours.config.n_layers)}"
+                theirs_params[f"{prefix}.lora_A.default.weight"].copy_(layer.lora_A)
+                theirs_params[f"{prefix}.lora_B.default.weight"].copy_(layer.lora_B)
+        report = trainable_parameters(ours)
+        assert (report.trainable, report.total) == theirs.get_nb_trainable_parameters()
+        assert report.trainable == 30 * 8 * ((576 + 576) + (576 + 192))  # q: 576->576, v: ->192
+        with torch.inference_mode():
+            adapted = ours(ids).logits
+            assert (adapted - base).abs().max() > 1e-2
+            _close(adapted, theirs(ids).logits, atol=1e-4)
+    finally:
+        _unwrap(model)
+        if theirs is not None:
+            theirs.unload()  # peft's layers out of `reference` again
+        reference.requires_grad_(True)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, base)  # the session fixture is as it was
+        assert not list(lora_layers(model))
+        assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in reference.modules())
+        _close(reference(ids).logits, base, atol=1e-4)
