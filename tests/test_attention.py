@@ -774,7 +774,10 @@ def test_linformer_dropout_only_in_training(device):
     x = torch.randn(2, 8, 16, device=device)
     assert not torch.allclose(attn(x).output, attn(x).output)
     attn.eval()
-    torch.testing.assert_close(attn(x).output, attn(x).output)
+    # In eval mode: exactly the same module without dropout (not merely deterministic).
+    no_dropout = LinformerSelfAttention(16, 4, seq_len=8, k=3, dropout=0.0).to(device).eval()
+    no_dropout.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x).output, no_dropout(x).output, rtol=0, atol=0)
 
 
 def test_linformer_rejects_longer_input():
