@@ -54,7 +54,12 @@ TARGETS: dict[str, Target] = {
     "positional": Target(
         "labkit/nn/positional.py", ("tests/test_positional.py", "tests/test_rotary_attention.py")
     ),
-    "norms": Target("labkit/nn/layers.py", ("tests/test_layers.py",)),
+    "norms": Target(
+        "labkit/nn/layers.py",
+        ("tests/test_layers.py",),
+        functions=("*xǁLayerNormǁ*", "*xǁRMSNormǁ*", "*x__check_last_dim__*"),
+    ),
+    "layers": Target("labkit/nn/layers.py", ("tests/test_layers.py",)),
     "schedules": Target(
         "labkit/train/schedules.py",
         ("tests/test_train.py",),
