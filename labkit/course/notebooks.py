@@ -161,10 +161,11 @@ def run_notebook(
     at the end with the notebook's ``source_fingerprint`` in its metadata: a reader (the
     book build, another test process) sees the old copy or the finished new one, never a
     half-written file. The working directory is the notebook's folder, as in JupyterLab.
-    Raises NotebookError naming the failing cell, with its source and traceback. ``strict_checks`` (default) runs
-    the kernel with ``LABKIT_STRICT_CHECKS=1``: an exercise check that fails raises
-    (``labkit.course.checks``), so a wrong solution fails the run; ``False`` runs it as a learner's
-    Run All does, every check reported and the notebook run to its end.
+    Raises NotebookError naming the failing cell, with its source and traceback.
+    ``strict_checks`` (default) runs the kernel with ``LABKIT_STRICT_CHECKS=1``: an exercise
+    check that fails raises (``labkit.course.checks``), so a wrong solution fails the run;
+    ``False`` runs it as a learner's Run All does, every check reported and the notebook run to
+    its end.
     """
     try:
         import papermill
