@@ -30,6 +30,7 @@ import pytest
 
 from labkit.course import book
 from labkit.course.book import Page
+from labkit.course.notebooks import FINGERPRINT_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -95,7 +96,7 @@ def _executed(
     }
     failure = {"output_type": "error", "ename": "E", "evalue": "", "traceback": []}
     outputs = [failure] if error else []
-    metadata = {"papermill": papermill, book.FINGERPRINT_KEY: fingerprint}
+    metadata = {"papermill": papermill, FINGERPRINT_KEY: fingerprint}
     return _notebook([_markdown("# 01 · Title"), _code("1", outputs)], metadata)
 
 
