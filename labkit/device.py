@@ -5,6 +5,7 @@ parameters into a ``torch.device``, a reproducible random state and the low-prec
 that autocast should use on that device. :func:`bf16_hardware` and :func:`autocast_policy`
 report what *this* machine does (bf16 matrix units, which operations autocast runs in which
 precision), so a notebook states facts about the hardware it actually ran on.
+``model_device`` says where a model lives.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def get_device(preference: str | torch.device = "auto") -> torch.device:
             f"device {preference!r} requested but the MPS backend is not available here"
         )
     return torch.device(name)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

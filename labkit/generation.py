@@ -34,7 +34,6 @@ Shapes: B batch, T prompt length, V vocabulary, K beams, n generated tokens.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from labkit.device import model_device
 from labkit.models.base import check_input_ids
 
 # ----------------------------------------------------------------------------------------------
@@ -352,11 +352,6 @@ def _special_ids(model: nn.Module, config: GenerationConfig) -> _Special:
     return _Special(eos_ids, pad, start)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) for the duration, then the caller's train/eval state again."""
@@ -428,7 +423,7 @@ def _prepare_inputs(
             "decoder-only prompts must be left-padded (every row's last column a real token); "
             "got an attention_mask with 0 in the last column"
         )
-    device = _model_device(model)
+    device = model_device(model)
     return ids.to(device), attention_mask.to(device).long()
 
 

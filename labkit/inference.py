@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from labkit.device import model_device
 from labkit.generation import generate
 
 # ----------------------------------------------------------------------------------------------
@@ -142,11 +143,6 @@ def model_size_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device
-
-
 def to_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of ``model`` in eval mode (the original is left unchanged)."""
     return copy.deepcopy(model).to(torch.bfloat16).eval()
@@ -229,9 +225,9 @@ def quantize_int8(
     """
     if mode not in ("weight-only", "dynamic"):
         raise ValueError(f"mode must be 'weight-only' or 'dynamic', got {mode!r}")
-    if mode == "dynamic" and _device_of(model).type != "cpu":
+    if mode == "dynamic" and model_device(model).type != "cpu":
         raise ValueError(
-            f"mode='dynamic' quantizes for the CPU only; the model is on {_device_of(model)}"
+            f"mode='dynamic' quantizes for the CPU only; the model is on {model_device(model)}"
         )
     targets = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     if skip_tied:
@@ -306,7 +302,9 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    device = _device_of(model)
+    from labkit.train.losses import IGNORE_INDEX
+
+    device = model_device(model)
     windows = _windows(ids.numel(), block_size, stride)
     total_nll, n_scored = 0.0, 0
     was_training = model.training
@@ -317,14 +315,14 @@ def perplexity(
                 group = windows[i : i + batch_size]
                 width = max(end - begin for begin, end, _ in group)
                 inputs = torch.zeros(len(group), width, dtype=torch.long)  # (b, width)
-                targets = torch.full((len(group), width - 1), -100, dtype=torch.long)
+                targets = torch.full((len(group), width - 1), IGNORE_INDEX, dtype=torch.long)
                 for row, (begin, end, first) in enumerate(group):
                     inputs[row, : end - begin] = ids[begin:end]
                     # logits at column t predict token begin + t + 1
                     targets[row, first - begin - 1 : end - begin - 1] = ids[first:end]
                 out = model(inputs.to(device))
                 logits = getattr(out, "logits", out)[:, :-1]  # (b, width - 1, V)
-                scored = (targets != -100).to(device)  # only these positions pay for softmax
+                scored = (targets != IGNORE_INDEX).to(device)  # only these pay for softmax
                 total_nll += F.cross_entropy(
                     logits[scored].float(), targets.to(device)[scored], reduction="sum"
                 ).item()

@@ -24,9 +24,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.course.book import EXERCISE_GLOB, executed_path
+from labkit.course.book import executed_path
 from labkit.course.exercises import check_call
 from labkit.course.notebooks import (
+    EXERCISE_GLOB,
     NOTEBOOK_GLOB,
     SMOKE_BANNER,
     NotebookError,

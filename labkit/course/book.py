@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.course.notebooks import (
+    EXERCISE_GLOB,
     NOTEBOOK_GLOB,
     NOTEBOOK_NAME,
     PACKAGE_DIR,
@@ -51,7 +52,6 @@ from labkit.course.notebooks import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository checkout: labkit/course/book.py
-EXERCISE_GLOB = "ex_*.ipynb"
 EXECUTED_DIR = Path("build") / "executed"  # relative to the repository root
 STAGE_DIR = Path("build") / "book-src"
 OUTPUT_DIR = Path("book") / "_build" / "html"

@@ -67,10 +67,10 @@ from labkit.train.checkpoints import (
     list_checkpoints,
     read_checkpoint,
 )
+from labkit.train.config import PRECISIONS
 from labkit.train.trainer import TrainConfig, Trainer
 
 VAL_FRACTION = 0.1  # nanoGPT's data/shakespeare_char/prepare.py: the last 10% of the text
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 RUN_FORMAT = "labkit.char-gpt"
 CHECKPOINT, CONFIG, TOKENIZER = "checkpoint.pt", "config.json", "tokenizer.json"
 CHECKPOINTS = "checkpoints"  # the folder of the checkpoints written during a run

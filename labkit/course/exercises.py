@@ -29,7 +29,8 @@ from pathlib import Path
 
 import nbformat
 
-EXERCISE_GLOB = "ex_*.ipynb"
+from labkit.course.notebooks import EXERCISE_GLOB
+
 LESSON_GLOB = "NN_topic.ipynb"  # labkit.course.notebooks.lesson_notebooks: 00, 00b, 01, ...
 SOLUTION_TAG = "solution"
 DROPPED_TAGS = {SOLUTION_TAG, "solution-heading"}

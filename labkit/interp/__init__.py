@@ -1,5 +1,8 @@
-"""Interpretability: numbers that say what attention heads do.
+"""Interpretability: look inside a model, and numbers that say what attention heads do.
 
+``activations`` names every model's hook points (``blocks.3.attn.pattern``, ``blocks.3.resid_post``,
+...) and offers ``run_with_cache`` (one forward pass, its activations by name in an
+``ActivationCache``) and ``hooks`` (read or replace activations: ablation, patching).
 ``heads`` holds the detectors of recognisable heads (previous-token, first-token, self,
 punctuation, induction and duplicate-token scores; ``score_heads`` scores every layer and head,
 ``find_heads`` lists those above a threshold). The head statistics ``head_entropy``,
@@ -7,6 +10,14 @@ punctuation, induction and duplicate-token scores; ``score_heads`` scores every 
 here too; their pictures are in ``labkit.viz``. E.g. ``from labkit.interp import find_heads``.
 """
 
+from labkit.interp.activations import (
+    LAYER_POINTS,
+    ActivationCache,
+    hook_points,
+    hooks,
+    layer_hook_points,
+    run_with_cache,
+)
 from labkit.interp.heads import (
     PATTERNS,
     duplicate_token_score,
@@ -27,6 +38,12 @@ from labkit.viz.heatmaps import (
 )
 
 __all__ = [
+    "LAYER_POINTS",
+    "ActivationCache",
+    "hook_points",
+    "hooks",
+    "layer_hook_points",
+    "run_with_cache",
     "PATTERNS",
     "attention_rollout",
     "duplicate_token_score",

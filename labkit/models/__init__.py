@@ -7,14 +7,18 @@
 
 Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
 smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
-``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches).
+``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches, and
+``HookedModel``: every model names its hook points, ``model.hook_points()``, and offers
+``model.run_with_cache(...)`` and ``model.hooks(...)``; see ``labkit.interp.activations``).
+Every model returns per-layer attention weights (``need_weights=True`` or
+``output_attentions=True``) and hidden states (``output_hidden_states=True``) on request.
 ``lora.py`` adds LoRA adapters to any model's linear layers (``apply_lora``, merge/unmerge,
 adapter save/load, a merged Llama saved for ``transformers``), computed as ``peft`` does.
 ``pretrained.py`` loads real weights from pip-installed packages into them
 (``load("minilm")``, ``load("smollm2-135m-instruct")``, ``load_gpt2(path_or_hub_id)``).
 """
 
-from labkit.models.base import CausalLMOutput, EncoderDecoderCache, ModelCache
+from labkit.models.base import CausalLMOutput, EncoderDecoderCache, HookedModel, ModelCache
 from labkit.models.bert import (
     BertConfig,
     BertEncoder,
@@ -48,7 +52,12 @@ from labkit.models.pretrained import (
     load_minilm,
     load_smollm2,
 )
-from labkit.models.transformer import Seq2SeqOutput, Transformer, TransformerConfig
+from labkit.models.transformer import (
+    EncoderOutput,
+    Seq2SeqOutput,
+    Transformer,
+    TransformerConfig,
+)
 
 __all__ = [
     "GPT",
@@ -60,7 +69,9 @@ __all__ = [
     "BertOutput",
     "CausalLMOutput",
     "EncoderDecoderCache",
+    "EncoderOutput",
     "GPTConfig",
+    "HookedModel",
     "Llama",
     "LlamaConfig",
     "LoRALinear",

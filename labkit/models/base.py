@@ -14,11 +14,13 @@ Conventions (the same as Hugging Face, so ids and masks carry over unchanged):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from labkit.nn.attention import KVCache
 from labkit.nn.layers import DecoderLayerCache
@@ -29,13 +31,17 @@ class CausalLMOutput(NamedTuple):
 
     logits: (B, T, vocab) next-token scores for every position.
     hidden: (B, T, D) the final hidden states (after the final norm).
-    attentions: one (B, H, T, past + T) weight tensor per layer when ``need_weights=True``,
-        else None.
+    attentions: one (B, H, T, past + T) weight tensor per layer when ``need_weights=True``
+        (or ``output_attentions=True``), else None.
+    hidden_states: with ``output_hidden_states=True``, n_layers + 1 tensors (B, T, D): the
+        residual stream entering each layer, then the last layer's output (before the final
+        norm); else None.
     """
 
     logits: Tensor
     hidden: Tensor
     attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None = None
 
 
 @dataclass
@@ -117,3 +123,54 @@ class EncoderDecoderCache:
         """Keep batch rows ``index`` (B_new,) in every layer (self- and cross-attention)."""
         for layer in self.layers:
             layer.reorder(index)
+
+
+class HookedModel:
+    """What every labkit model offers to look inside it: named hook points, the activation
+    cache and hooks that read or patch activations (see ``labkit.interp.activations``).
+
+    A model lists its layer stacks in ``_hook_blocks()`` as ``(prefix, layer)`` pairs, e.g.
+    ``("blocks.0", layers[0])``; the rest is shared.
+    """
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        raise NotImplementedError
+
+    def hook_points(self) -> dict[str, nn.Module]:
+        """``{name: HookPoint}`` in forward order, e.g. ``"blocks.3.attn.pattern"``."""
+        from labkit.interp.activations import layer_hook_points
+
+        points: dict[str, nn.Module] = {}
+        for prefix, layer in self._hook_blocks():
+            points |= layer_hook_points(prefix, layer)
+        return points
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names: str | Iterable[str] | Callable[[str], bool] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """``(output, cache)``: the usual output of ``self(*args, **kwargs)`` and an
+        ``ActivationCache`` of every hook point (or of those ``names`` selects)."""
+        from labkit.interp.activations import run_with_cache
+
+        return run_with_cache(self, *args, names=names, **kwargs)
+
+    @contextmanager
+    def hooks(
+        self, fwd_hooks: Mapping[str, Callable] | Iterable[tuple[str, Callable]]
+    ) -> Iterator[Any]:
+        """``with model.hooks({name: fn}):`` runs ``fn(activation, name)`` at each named point
+        inside the block; a returned tensor replaces the activation."""
+        from labkit.interp.activations import hooks
+
+        with hooks(self, fwd_hooks):
+            yield self
+
+
+def stack_outputs(
+    need_weights: bool, output_hidden_states: bool
+) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """Empty lists for the per-layer attentions / hidden states that were asked for, else None."""
+    return ([] if need_weights else None), ([] if output_hidden_states else None)

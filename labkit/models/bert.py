@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.models.base import check_input_ids, key_padding_mask
+from labkit.models.base import HookedModel, check_input_ids, key_padding_mask, stack_outputs
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
 
@@ -130,11 +130,14 @@ class BertOutput(NamedTuple):
     hidden: (B, T, D) the last layer's hidden states (padding positions hold garbage).
     pooled: (B, D) ``tanh(Linear(hidden[:, 0]))``, the [CLS] summary used for classification.
     attentions: one (B, H, T, T) weight tensor per layer when ``need_weights=True``, else None.
+    hidden_states: with ``output_hidden_states=True``, n_layers + 1 tensors (B, T, D): the
+        embeddings and each layer's output; else None.
     """
 
     hidden: Tensor
     pooled: Tensor
     attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None = None
 
 
 class BertEmbeddings(nn.Module):
@@ -177,7 +180,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     return total / weights.sum(dim=1).clamp(min=1e-9)
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(nn.Module, HookedModel):
     """Embeddings, ``n_layers`` post-LN ``EncoderLayer``s with GELU, and the [CLS] pooler.
 
     Submodules: ``embeddings`` (``BertEmbeddings``), ``layers`` (``nn.ModuleList`` of
@@ -255,6 +258,9 @@ class BertEncoder(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         need_weights: bool = False,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> BertOutput:
         """Encode a batch.
 
@@ -263,9 +269,13 @@ class BertEncoder(nn.Module):
             attention_mask: (B, T) 1 = real token, 0 = padding; None = every token is real.
             token_type_ids: (B, T) segment ids in [0, type_vocab_size); None = all zeros.
             need_weights: also return every layer's (B, H, T, T) attention weights.
+            output_attentions: the same as ``need_weights`` (Hugging Face's name).
+            output_hidden_states: also return the embeddings and every layer's output,
+                n_layers + 1 tensors (B, T, D).
 
         Returns:
-            BertOutput(hidden (B, T, D), pooled (B, D), attentions list or None).
+            BertOutput(hidden (B, T, D), pooled (B, D), attentions list or None,
+            hidden_states list or None).
         """
         self._check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
@@ -275,13 +285,21 @@ class BertEncoder(nn.Module):
             mask = key_padding_mask(attention_mask, input_ids.shape[1])  # (B, 1, 1, T)
 
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        attentions = [] if need_weights else None
+        need_weights = need_weights or output_attentions
+        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
         for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
             x, weights, _ = layer(x, mask, need_weights=need_weights)
             if attentions is not None:
                 attentions.append(weights)  # (B, H, T, T)
+        if hidden_states is not None:
+            hidden_states.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, D) from the [CLS] position
-        return BertOutput(x, pooled, attentions)
+        return BertOutput(x, pooled, attentions, hidden_states)
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     def sentence_embedding(
         self,
@@ -394,24 +412,34 @@ class HeadOutput(NamedTuple):
     loss: the mean loss when labels were given, else None.
     hidden: (B, T, D) the encoder's hidden states.
     attentions: the encoder's per-layer weights when ``need_weights=True``, else None.
+    hidden_states: the encoder's ``hidden_states`` when ``output_hidden_states=True``.
     """
 
     logits: Tensor
     loss: Tensor | None
     hidden: Tensor
     attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None = None
 
 
 class SpanOutput(NamedTuple):
     """What ``BertForQuestionAnswering`` returns: start/end scores (B, T) of the answer span,
     the loss (mean of the start and end cross-entropies) when positions were given, the
-    encoder's hidden states and attention weights."""
+    encoder's hidden states, attention weights and (on request) per-layer hidden states."""
 
     start_logits: Tensor
     end_logits: Tensor
     loss: Tensor | None
     hidden: Tensor
     attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None = None
+
+
+class _EncoderHooks(HookedModel):
+    """A task head's hook points are its encoder's (``blocks.{i}...``)."""
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        return self.bert._hook_blocks()
 
 
 def _head_encoder(config: BertConfig, encoder: BertEncoder | None) -> BertEncoder:
@@ -433,7 +461,7 @@ def _check_labels(name: str, labels: Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(labels.shape)}")
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(nn.Module, _EncoderHooks):
     """``classifier(dropout(pooled))`` -> (B, C): sentence (or sentence-pair) classification.
 
     Loss: cross-entropy against integer labels (B,); with ``num_labels=1`` it is a regression
@@ -491,9 +519,15 @@ class BertForSequenceClassification(nn.Module):
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
         need_weights: bool = False,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> HeadOutput:
         """``input_ids`` (B, T) -> HeadOutput(logits (B, C), loss, hidden, attentions)."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, need_weights)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, need_weights or output_attentions,
+            output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         logits = self.classifier(self.dropout(out.pooled))  # (B, C)
         loss = None
         if labels is not None:
@@ -502,15 +536,15 @@ class BertForSequenceClassification(nn.Module):
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
                 loss = F.cross_entropy(logits, labels)
-        return HeadOutput(logits, loss, out.hidden, out.attentions)
+        return HeadOutput(logits, loss, out.hidden, out.attentions, out.hidden_states)
 
 
-class BertForMaskedLM(nn.Module):
+class BertForMaskedLM(nn.Module, _EncoderHooks):
     """Predict the tokens hidden behind [MASK]: (B, T) -> (B, T, V).
 
     ``logits = norm(gelu(dense(hidden))) @ word_embeddings.T + bias``: the output matrix is the
     input embedding matrix itself (tied), so a token's vector is both how it is read and how it
-    is predicted. Loss: cross-entropy over positions whose label is not -100.
+    is predicted. Loss: cross-entropy over positions whose label is not ``IGNORE_INDEX`` (-100).
     """
 
     def __init__(self, config: BertConfig, *, encoder: BertEncoder | None = None) -> None:
@@ -562,20 +596,31 @@ class BertForMaskedLM(nn.Module):
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
         need_weights: bool = False,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> HeadOutput:
         """``input_ids`` (B, T) -> HeadOutput(logits (B, T, V), loss, hidden, attentions);
-        ``labels`` (B, T) hold the original id at masked positions and -100 elsewhere."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, need_weights)
+        ``labels`` (B, T) hold the original id at masked positions and ``IGNORE_INDEX`` (-100)
+        elsewhere."""
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, need_weights or output_attentions,
+            output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         h = self.norm(F.gelu(self.dense(out.hidden)))  # (B, T, D)
         logits = F.linear(h, self.bert.embeddings.word.weight, self.bias)  # (B, T, V)
         loss = None
         if labels is not None:
             _check_labels("labels", labels, tuple(input_ids.shape))
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return HeadOutput(logits, loss, out.hidden, out.attentions)
+            from labkit.train.losses import IGNORE_INDEX
+
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+        return HeadOutput(logits, loss, out.hidden, out.attentions, out.hidden_states)
 
 
-class BertForQuestionAnswering(nn.Module):
+class BertForQuestionAnswering(nn.Module, _EncoderHooks):
     """Extractive QA: ``qa_outputs(hidden)`` (B, T, 2) -> start and end scores (B, T) each.
 
     The input is ``[CLS] question [SEP] context [SEP]``; the answer is the context span whose
@@ -619,10 +664,16 @@ class BertForQuestionAnswering(nn.Module):
         start_positions: Tensor | None = None,
         end_positions: Tensor | None = None,
         need_weights: bool = False,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> SpanOutput:
         """``input_ids`` (B, T) -> SpanOutput(start (B, T), end (B, T), loss, hidden, attentions);
         ``start_positions``/``end_positions`` (B,) are token indices in [0, T)."""
-        out = self.bert(input_ids, attention_mask, token_type_ids, need_weights)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, need_weights or output_attentions,
+            output_hidden_states=output_hidden_states,
+        )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(out.hidden).unbind(dim=-1)  # (B, T) each
         loss = None
         if (start_positions is None) != (end_positions is None):
@@ -638,7 +689,9 @@ class BertForQuestionAnswering(nn.Module):
                 F.cross_entropy(start_logits, start_positions)
                 + F.cross_entropy(end_logits, end_positions)
             ) / 2
-        return SpanOutput(start_logits, end_logits, loss, out.hidden, out.attentions)
+        return SpanOutput(
+            start_logits, end_logits, loss, out.hidden, out.attentions, out.hidden_states
+        )
 
 
 def best_span(

@@ -37,11 +37,13 @@ from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
+    HookedModel,
     ModelCache,
     check_input_ids,
     default_positions,
     key_padding_mask,
     positions_from_mask,
+    stack_outputs,
 )
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
@@ -198,7 +200,7 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 # Model
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, HookedModel):
     """GPT-2-style language model built from labkit components (see the module docstring).
 
     Submodules: ``wte`` (token embedding), ``wpe`` (``LearnedPositionalEmbedding``), ``drop``,
@@ -279,6 +281,8 @@ class GPT(nn.Module):
         positions: Tensor | None = None,
         cache: ModelCache | None = None,
         need_weights: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """Next-token logits for every position.
 
@@ -291,10 +295,13 @@ class GPT(nn.Module):
             cache: ``model.new_cache()``; the new keys/values are appended in place and the
                 new tokens attend over all cached ones (past = ``cache.seq_len``).
             need_weights: also return each layer's attention weights (B, H, T, past + T).
+            output_attentions: the same as ``need_weights`` (Hugging Face's name).
+            output_hidden_states: also return the residual stream entering each layer and
+                the last layer's output, n_layers + 1 tensors (B, T, D).
 
         Returns:
             CausalLMOutput(logits (B, T, V), hidden (B, T, D) after the final norm,
-            attentions: list of n_layers weight tensors, or None).
+            attentions: list of n_layers weight tensors, or None, hidden_states or None).
         """
         c = self.config
         check_input_ids(input_ids, c.vocab_size)
@@ -336,15 +343,23 @@ class GPT(nn.Module):
         # the whole batch, but left-padded rows each start counting at their own column.
         x = self.wte(input_ids) + self.wpe.embedding(positions.to(input_ids.device))
         x = self.drop(x)  # (B, T, D)
-        attentions = [] if need_weights else None
+        need_weights = need_weights or output_attentions
+        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
         layer_caches = [None] * c.n_layers if cache is None else cache.layers
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
+            if hidden_states is not None:
+                hidden_states.append(x)
             out = layer(x, mask, is_causal=True, need_weights=need_weights, cache=layer_cache)
             x = out.hidden  # (B, T, D)
             if attentions is not None:
                 attentions.append(out.self_weights)  # (B, H, T, past + T)
+        if hidden_states is not None:
+            hidden_states.append(x)
         hidden = self.norm(x)  # (B, T, D)
-        return CausalLMOutput(self.lm_head(hidden), hidden, attentions)
+        return CausalLMOutput(self.lm_head(hidden), hidden, attentions, hidden_states)
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     def _check_positions(self, positions: Tensor, batch: int, seq: int) -> None:
         if positions.shape not in ((seq,), (batch, seq)) or positions.is_floating_point():

@@ -32,11 +32,13 @@ from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
+    HookedModel,
     ModelCache,
     check_input_ids,
     default_positions,
     key_padding_mask,
     positions_from_mask,
+    stack_outputs,
 )
 from labkit.nn.layers import EncoderLayer, RMSNorm
 from labkit.nn.positional import RotaryEmbedding, apply_rotary
@@ -245,7 +247,7 @@ class _Rotation:
         return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
-class Llama(nn.Module):
+class Llama(nn.Module, HookedModel):
     """Llama decoder-only language model built from labkit layers (see the module docstring).
 
     Submodules: ``embed_tokens``, ``layers`` (each an ``EncoderLayer`` with ``self_attn``,
@@ -307,6 +309,8 @@ class Llama(nn.Module):
         positions: Tensor | None = None,
         cache: ModelCache | None = None,
         need_weights: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """Next-token logits for every position.
 
@@ -318,9 +322,13 @@ class Llama(nn.Module):
                 ``attention_mask`` (``positions_from_mask``), else ``past, past + 1, ...``.
             cache: ``model.new_cache()``; the new keys/values are appended in place.
             need_weights: also return each layer's (B, H, T, past + T) attention weights.
+            output_attentions: the same as ``need_weights`` (Hugging Face's name).
+            output_hidden_states: also return the residual stream entering each layer and
+                the last layer's output, n_layers + 1 tensors (B, T, D).
 
         Returns:
-            CausalLMOutput(logits (B, T, V), hidden (B, T, D), attentions list or None).
+            CausalLMOutput(logits (B, T, V), hidden (B, T, D), attentions list or None,
+            hidden_states list or None).
         """
         c = self.config
         check_input_ids(input_ids, c.vocab_size)
@@ -352,8 +360,11 @@ class Llama(nn.Module):
         rotary = _Rotation(self.rotary, positions.to(input_ids.device))
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        attentions = [] if need_weights else None
+        need_weights = need_weights or output_attentions
+        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             out = layer(
                 x, mask, is_causal=True, need_weights=need_weights, rotary=rotary,
                 positions=positions, cache=None if cache is None else cache.layers[i],
@@ -361,8 +372,13 @@ class Llama(nn.Module):
             x = out.hidden
             if attentions is not None:
                 attentions.append(out.self_weights)
+        if hidden_states is not None:
+            hidden_states.append(x)
         x = self.norm(x)  # (B, T, D)
-        return CausalLMOutput(self.lm_head(x), x, attentions)
+        return CausalLMOutput(self.lm_head(x), x, attentions, hidden_states)
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> Llama:

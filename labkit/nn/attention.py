@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.nn.cache import KVCache
+from labkit.nn.hooks import HookPoint, hooked, run_hook
 from labkit.nn.masks import causal_mask
 
 BACKENDS = ("auto", "sdpa", "math")
@@ -213,6 +214,11 @@ class MultiHeadAttention(nn.Module):
     attention (MQA). ``backend``: "math" runs labkit's explicit
     ``scaled_dot_product_attention``, "sdpa" torch's fused kernel, "auto" sdpa unless
     attention weights are requested. Both backends give the same result.
+
+    Hook points (``labkit.nn.hooks``): ``hook_pattern`` sees the weights (B, H, q_len, k_len)
+    and ``hook_z`` each head's output (B, H, q_len, d_k) before ``out_proj``; a hook that
+    returns a tensor replaces the activation (the output is then computed from it). While
+    either has a hook, attention runs the math backend, whatever ``backend`` says.
     """
 
     def __init__(
@@ -244,6 +250,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.hook_pattern = HookPoint()  # (B, H, q_len, k_len) attention weights
+        self.hook_z = HookPoint()  # (B, H, q_len, d_k) each head's output
 
     def _split_heads(self, x: Tensor, n_heads: int) -> Tensor:
         """(B, T, n_heads * d_k) -> (B, n_heads, T, d_k)."""
@@ -311,7 +319,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("positions are only used by rotary, but rotary is None")
         if need_weights and self.backend == "sdpa":
             raise ValueError("backend='sdpa' cannot return weights; use backend 'math' or 'auto'")
-        use_sdpa = self.backend == "sdpa" or (self.backend == "auto" and not need_weights)
+        hooks = hooked(self.hook_pattern) or hooked(self.hook_z)
+        use_sdpa = not hooks and (
+            self.backend == "sdpa" or (self.backend == "auto" and not need_weights)
+        )
 
         batch, q_len, _ = query.shape
         past = 0 if cache is None else cache.seq_len
@@ -341,6 +352,11 @@ class MultiHeadAttention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
             v = v.repeat_interleave(groups, dim=1)  # (B, H, k_len, d_k)
             out, weights = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout_p)
+            if hooked(self.hook_pattern):
+                patched = self.hook_pattern(weights)
+                if patched is not weights:  # a hook replaced the pattern: recompute the output
+                    weights, out = patched, patched @ v
+            out = run_hook(self.hook_z, out)  # (B, H, q_len, d_k)
         out = out.transpose(1, 2).reshape(batch, q_len, self.d_model)  # (B, q_len, d_model)
         return AttentionOutput(self.out_proj(out), weights if need_weights else None)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.nn.attention import AttentionOutput, KVCache, MultiHeadAttention
+from labkit.nn.hooks import HookPoint, run_hook
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layer", "rms")
@@ -271,6 +272,11 @@ class EncoderLayer(nn.Module):
     ``dropout2``. ``dropout`` is also used on the attention weights and inside the
     feed-forward, as in torch. ``bias`` switches the biases of every linear and LayerNorm
     (RMSNorm has none); ``n_kv_heads`` < ``n_heads`` gives grouped-query attention.
+
+    Hook points (each (B, T, D); ``labkit.nn.hooks``): ``hook_resid_pre`` (the input),
+    ``hook_attn_out`` (what attention adds to the residual stream), ``hook_resid_mid`` (after
+    the attention residual), ``hook_mlp_out`` (what the feed-forward adds) and
+    ``hook_resid_post`` (the output); ``self_attn`` has ``hook_pattern`` and ``hook_z``.
     """
 
     def __init__(
@@ -297,6 +303,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = _make_norm(norm, d_model, eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
 
     def forward(
         self,
@@ -337,15 +345,14 @@ class EncoderLayer(nn.Module):
                 rotary=rotary, positions=positions, cache=cache,
             )
 
-        if self.norm_first:
-            attn = self_attention(self.norm1(x))
-            x = x + self.dropout1(attn.output)
-            x = x + self.dropout2(self.ffn(self.norm2(x)))
-        else:
-            attn = self_attention(x)
-            x = self.norm1(x + self.dropout1(attn.output))
-            x = self.norm2(x + self.dropout2(self.ffn(x)))
-        return LayerOutput(x, attn.weights, None)
+        pre = self.norm_first
+        x = run_hook(self.hook_resid_pre, x)
+        attn = self_attention(self.norm1(x) if pre else x)
+        attn_out = run_hook(self.hook_attn_out, self.dropout1(attn.output))
+        x = run_hook(self.hook_resid_mid, x + attn_out if pre else self.norm1(x + attn_out))
+        mlp_out = run_hook(self.hook_mlp_out, self.dropout2(self.ffn(self.norm2(x) if pre else x)))
+        x = x + mlp_out if pre else self.norm2(x + mlp_out)
+        return LayerOutput(run_hook(self.hook_resid_post, x), attn.weights, None)
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderLayer:
@@ -383,6 +390,10 @@ class DecoderLayer(nn.Module):
 
     Submodules: ``self_attn``, ``cross_attn`` (torch: ``multihead_attn``), ``ffn``,
     ``norm1``..``norm3``, ``dropout1``..``dropout3``; arguments as for ``EncoderLayer``.
+
+    Hook points as in ``EncoderLayer``, plus ``hook_cross_attn_out`` (what cross-attention
+    adds) and ``hook_resid_cross`` (after the cross-attention residual); ``hook_resid_mid``
+    follows the self-attention residual.
     """
 
     def __init__(
@@ -414,6 +425,10 @@ class DecoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
+        names = ("resid_pre", "attn_out", "resid_mid", "cross_attn_out", "resid_cross",
+                 "mlp_out", "resid_post")  # fmt: skip
+        for name in names:
+            setattr(self, f"hook_{name}", HookPoint())
 
     def forward(
         self,
@@ -466,19 +481,17 @@ class DecoderLayer(nn.Module):
                 cache=None if cache is None else cache.cross_attn,
             )
 
-        if self.norm_first:
-            self_out = self_attention(self.norm1(x))
-            x = x + self.dropout1(self_out.output)
-            cross_out = cross_attention(self.norm2(x))
-            x = x + self.dropout2(cross_out.output)
-            x = x + self.dropout3(self.ffn(self.norm3(x)))
-        else:
-            self_out = self_attention(x)
-            x = self.norm1(x + self.dropout1(self_out.output))
-            cross_out = cross_attention(x)
-            x = self.norm2(x + self.dropout2(cross_out.output))
-            x = self.norm3(x + self.dropout3(self.ffn(x)))
-        return LayerOutput(x, self_out.weights, cross_out.weights)
+        pre = self.norm_first
+        x = run_hook(self.hook_resid_pre, x)
+        self_out = self_attention(self.norm1(x) if pre else x)
+        attn_out = run_hook(self.hook_attn_out, self.dropout1(self_out.output))
+        x = run_hook(self.hook_resid_mid, x + attn_out if pre else self.norm1(x + attn_out))
+        cross_out = cross_attention(self.norm2(x) if pre else x)
+        cross = run_hook(self.hook_cross_attn_out, self.dropout2(cross_out.output))
+        x = run_hook(self.hook_resid_cross, x + cross if pre else self.norm2(x + cross))
+        mlp_out = run_hook(self.hook_mlp_out, self.dropout3(self.ffn(self.norm3(x) if pre else x)))
+        x = x + mlp_out if pre else self.norm3(x + mlp_out)
+        return LayerOutput(run_hook(self.hook_resid_post, x), self_out.weights, cross_out.weights)
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerDecoderLayer) -> DecoderLayer:

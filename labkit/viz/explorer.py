@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from labkit.device import model_device
 from labkit.viz.heatmaps import attention_heatmap
 
 __all__ = ["AttentionExplorer", "display_token", "model_kind"]
@@ -144,13 +145,6 @@ class _TokenizerAdapter:
         if self.is_labkit:
             return self.tokenizer.bos_id
         return getattr(self.tokenizer, "bos_token_id", None)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 class AttentionExplorer:
@@ -284,7 +278,7 @@ class AttentionExplorer:
     def run(self, text: Any, target: Any = None, attention_mask: Any = None) -> AttentionExplorer:
         """(Re)compute every map for a new text (and target); returns self."""
         model = self.model
-        device = _model_device(model)
+        device = model_device(model)
         was_training = model.training
         model.eval()
         try:
@@ -294,26 +288,21 @@ class AttentionExplorer:
             per_type: dict[
                 str, tuple[list[list[str]], list[list[str]], list[Tensor], Tensor, Tensor]
             ] = {}
-            if self.kind == "encoder":
-                encoder = model.bert if hasattr(model, "bert") else model
-                out = encoder(ids_d, attention_mask=mask_d, need_weights=True)
-                per_type["self"] = (labels, labels, out.attentions, mask, mask)
-            elif self.kind == "decoder":
+            if self.kind in ("encoder", "decoder"):
                 out = model(ids_d, attention_mask=mask_d, need_weights=True)
                 per_type["self"] = (labels, labels, out.attentions, mask, mask)
             else:
                 tgt_ids, tgt_mask = self._targets(ids_d, mask_d, target, notes)
-                enc_weights: list[Tensor] = []
-                memory = self._encode_with_weights(ids_d, mask_d, enc_weights)
+                encoded = model.encoder_output(ids_d, mask_d, need_weights=True)
                 out = model.decode(
                     tgt_ids.to(device),
-                    memory,
+                    encoded.memory,
                     src_mask=mask_d,
                     tgt_mask=tgt_mask.to(device),
                     need_weights=True,
                 )
                 tgt_labels = self._labels(tgt_ids.cpu(), tgt_mask.cpu())
-                per_type["encoder"] = (labels, labels, enc_weights, mask, mask)
+                per_type["encoder"] = (labels, labels, encoded.attentions, mask, mask)
                 per_type["decoder"] = (
                     tgt_labels,
                     tgt_labels,
@@ -386,25 +375,6 @@ class AttentionExplorer:
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[b, : len(r)] = 1
         return ids, mask
-
-    def _encode_with_weights(self, src: Tensor, src_mask: Tensor, sink: list[Tensor]) -> Tensor:
-        """``model.encode`` unchanged, with hooks asking each encoder layer for its weights."""
-
-        def ask(module, args, kwargs):
-            return args, {**kwargs, "need_weights": True}
-
-        def keep(module, args, kwargs, output):
-            sink.append(output.self_weights)
-
-        handles = []
-        for layer in self.model.encoder_layers:
-            handles.append(layer.register_forward_pre_hook(ask, with_kwargs=True))
-            handles.append(layer.register_forward_hook(keep, with_kwargs=True))
-        try:
-            return self.model.encode(src, src_mask)
-        finally:
-            for h in handles:
-                h.remove()
 
     # --- access ------------------------------------------------------------------------------
 
