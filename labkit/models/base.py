@@ -14,10 +14,11 @@ Conventions (the same as Hugging Face, so ids and masks carry over unchanged):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -125,9 +126,67 @@ class EncoderDecoderCache:
             layer.reorder(index)
 
 
+class ModelConfig:
+    """What every model config dataclass shares: named presets and the checks of its fields.
+
+    A config class names its preset table in ``_preset_table()`` and calls the ``_check_*``
+    helpers from ``__post_init__``, so every model rejects a bad config the same way.
+    """
+
+    preset_label: ClassVar[str] = ""  # "GPT" -> "unknown GPT preset 'huge'"
+
+    @classmethod
+    def _preset_table(cls) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Any:
+        """A named configuration, with any field overridden by keyword, e.g.
+        ``GPTConfig.preset("tiny", vocab_size=65)``."""
+        table = cls._preset_table()
+        if name not in table:
+            kind = f"{cls.preset_label} " if cls.preset_label else ""
+            raise ValueError(f"unknown {kind}preset {name!r}, expected one of {sorted(table)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} fields {unknown}, expected some of {sorted(known)}"
+            )
+        base = table[name]
+        base = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
+        return cls(**{**base, **overrides})
+
+    def _check_sizes(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {name}={value}")
+
+    def _check_heads(self, n_heads: int) -> None:
+        d_model = self.d_model
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+
+    def _check_dropout(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def _check_token_ids(self, vocab_field: str, names: Iterable[str], what: str = "token") -> None:
+        vocab = getattr(self, vocab_field)
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(
+                    f"{name}={value} is outside the vocabulary ({name}={value} must be a {what} "
+                    f"id in [0, {vocab_field}={vocab}))"
+                )
+
+
 class HookedModel:
-    """What every labkit model offers to look inside it: named hook points, the activation
-    cache and hooks that read or patch activations (see ``labkit.interp.activations``).
+    """What every labkit model shares: parameter counting and what looks inside it, named hook
+    points, the activation cache and hooks that read or patch activations (see
+    ``labkit.interp.activations``).
 
     A model lists its layer stacks in ``_hook_blocks()`` as ``(prefix, layer)`` pairs, e.g.
     ``("blocks.0", layers[0])``; the rest is shared.
@@ -135,6 +194,16 @@ class HookedModel:
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
         raise NotImplementedError
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, each counted once (tied weights too, as ``transformers``
+        counts them); ``exclude_embeddings`` leaves out every embedding table (tokens,
+        positions, token types), and with them a language-model head tied to the tokens'."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        params = {id(p): p for p in self.parameters() if id(p) not in skip}
+        return sum(p.numel() for p in params.values())
 
     def hook_points(self) -> dict[str, nn.Module]:
         """``{name: HookPoint}`` in forward order, e.g. ``"blocks.3.attn.pattern"``."""
@@ -167,6 +236,23 @@ class HookedModel:
 
         with hooks(self, fwd_hooks):
             yield self
+
+
+class PresetModel(HookedModel):
+    """A model built from one config dataclass (``config_class``): ``from_config`` and
+    ``from_preset`` as well as what ``HookedModel`` gives."""
+
+    config_class: ClassVar[type]
+
+    @classmethod
+    def from_config(cls, config: Any) -> Any:
+        """A freshly initialised model, the same as ``cls(config)``."""
+        return cls(config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Any:
+        """A freshly initialised model of a named size, e.g. ``GPT.from_preset("tiny")``."""
+        return cls(cls.config_class.preset(name, **overrides))
 
 
 def stack_outputs(

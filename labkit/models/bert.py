@@ -32,14 +32,21 @@ over the real tokens, L2-normalised (``mean_pool``, ``BertEncoder.sentence_embed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.models.base import HookedModel, check_input_ids, key_padding_mask, stack_outputs
+from labkit.models.base import (
+    HookedModel,
+    ModelConfig,
+    PresetModel,
+    check_input_ids,
+    key_padding_mask,
+    stack_outputs,
+)
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
 
@@ -48,7 +55,7 @@ from labkit.nn.positional import LearnedPositionalEmbedding
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ModelConfig):
     """Sizes of a BERT encoder.
 
     ``dropout`` is used everywhere (embeddings, attention weights, residual branches, the
@@ -68,20 +75,25 @@ class BertConfig:
     eps: float = 1e-12
     pad_id: int = 0
 
+    preset_label: ClassVar[str] = "BERT"
+
+    def __post_init__(self) -> None:
+        self._check_sizes(
+            "vocab_size", "max_len", "type_vocab_size", "n_layers", "n_heads", "d_model", "d_ff"
+        )
+        self._check_heads(self.n_heads)
+        self._check_dropout()
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        self._check_token_ids("vocab_size", ("pad_id",))
+
     @property
     def is_encoder_decoder(self) -> bool:
         return False
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> BertConfig:
-        """A named size (see ``BERT_PRESETS``), with any field overridden by keyword."""
-        if name not in BERT_PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(BERT_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown BertConfig fields {unknown}; fields are {sorted(known)}")
-        return replace(BERT_PRESETS[name], **overrides)
+    def _preset_table(cls) -> dict[str, BertConfig]:
+        return BERT_PRESETS
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> BertConfig:
@@ -180,7 +192,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     return total / weights.sum(dim=1).clamp(min=1e-9)
 
 
-class BertEncoder(nn.Module, HookedModel):
+class BertEncoder(nn.Module, PresetModel):
     """Embeddings, ``n_layers`` post-LN ``EncoderLayer``s with GELU, and the [CLS] pooler.
 
     Submodules: ``embeddings`` (``BertEmbeddings``), ``layers`` (``nn.ModuleList`` of
@@ -206,20 +218,7 @@ class BertEncoder(nn.Module, HookedModel):
         self.pooler = nn.Linear(config.d_model, config.d_model)
         self.apply(_init_bert_weights)
 
-    @classmethod
-    def from_config(cls, config: BertConfig) -> BertEncoder:
-        """Same as ``BertEncoder(config)``: a freshly initialised encoder."""
-        return cls(config)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> BertEncoder:
-        """A freshly initialised encoder of a named size, e.g. ``from_preset("tiny")``."""
-        return cls(BertConfig.preset(name, **overrides))
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Trainable parameter count; ``exclude_embeddings`` leaves out the three embedding
-        tables (word, position, token type)."""
-        return _count_parameters(self, exclude_embeddings)
+    config_class = BertConfig
 
     def _check_inputs(
         self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
@@ -393,14 +392,6 @@ def _init_bert_weights(module: nn.Module) -> None:
                 module.weight[module.padding_idx].zero_()
 
 
-def _count_parameters(model: nn.Module, exclude_embeddings: bool) -> int:
-    """Parameters counted once each (tied weights too), optionally without embedding tables."""
-    skip = set()
-    if exclude_embeddings:
-        skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
 # ----------------------------------------------------------------------------------------------
 # Task heads
 
@@ -509,9 +500,6 @@ class BertForSequenceClassification(nn.Module, _EncoderHooks):
         _copy_from_hf(head, hf, hf_names)
         return head.eval()
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        return _count_parameters(self, exclude_embeddings)
-
     def forward(
         self,
         input_ids: Tensor,
@@ -586,9 +574,6 @@ class BertForMaskedLM(nn.Module, _EncoderHooks):
         _copy_from_hf(head, hf, hf_names)
         return head.eval()
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        return _count_parameters(self, exclude_embeddings)
-
     def forward(
         self,
         input_ids: Tensor,
@@ -652,9 +637,6 @@ class BertForQuestionAnswering(nn.Module, _EncoderHooks):
         hf_names = {"qa_outputs.weight": "qa_outputs.weight", "qa_outputs.bias": "qa_outputs.bias"}
         _copy_from_hf(head, hf, hf_names)
         return head.eval()
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        return _count_parameters(self, exclude_embeddings)
 
     def forward(
         self,

@@ -26,19 +26,19 @@ written out once, in ``GPT2_TOP_LEVEL`` and ``GPT2_PER_LAYER`` below.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
-    HookedModel,
     ModelCache,
+    ModelConfig,
+    PresetModel,
     check_input_ids,
     default_positions,
     key_padding_mask,
@@ -59,7 +59,7 @@ GPT2_EOS = 50256  # "<|endoftext|>", GPT-2's only special token: it is both bos 
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """Sizes of a GPT. The defaults are GPT-2 small (124M parameters).
 
     max_len: block size, the number of learned positions (cached + new tokens must fit).
@@ -89,27 +89,19 @@ class GPTConfig:
     eos_id: int | None = GPT2_EOS
     pad_id: int | None = None
 
+    preset_label: ClassVar[str] = "GPT"
+
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        sizes = ("vocab_size", "max_len", "n_layers", "n_heads", "d_model", "d_ff")
-        for name in sizes:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_sizes("vocab_size", "max_len", "n_layers", "n_heads", "d_model", "d_ff")
+        self._check_heads(self.n_heads)
+        self._check_dropout()
         if self.activation not in GPT_ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {GPT_ACTIVATIONS}, got {self.activation!r}"
             )
-        for name in ("bos_id", "eos_id", "pad_id"):
-            token = getattr(self, name)
-            if token is not None and not 0 <= token < self.vocab_size:
-                raise ValueError(
-                    f"{name}={token} is outside the vocabulary [0, vocab_size={self.vocab_size})"
-                )
+        self._check_token_ids("vocab_size", ("bos_id", "eos_id", "pad_id"))
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -117,18 +109,8 @@ class GPTConfig:
         return False
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A named size from ``GPT_PRESETS``, with any field overridden, e.g.
-        ``GPTConfig.preset("tiny", vocab_size=65)``."""
-        if name not in GPT_PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}, expected one of {sorted(GPT_PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown GPTConfig fields {unknown}, expected some of {sorted(fields)}"
-            )
-        return cls(**{**GPT_PRESETS[name], **overrides})
+    def _preset_table(cls) -> dict[str, dict[str, Any]]:
+        return GPT_PRESETS  # GPTConfig.preset("tiny", vocab_size=65)
 
     @classmethod
     def from_hf(cls, hf_config: GPT2Config) -> GPTConfig:
@@ -200,7 +182,7 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 # Model
 
 
-class GPT(nn.Module, HookedModel):
+class GPT(nn.Module, PresetModel):
     """GPT-2-style language model built from labkit components (see the module docstring).
 
     Submodules: ``wte`` (token embedding), ``wpe`` (``LearnedPositionalEmbedding``), ``drop``,
@@ -233,6 +215,8 @@ class GPT(nn.Module, HookedModel):
             self.lm_head.weight = self.wte.weight  # one (V, D) matrix reads and writes tokens
         self._init_weights()
 
+    config_class = GPTConfig
+
     def _init_weights(self) -> None:
         """GPT-2's initialisation: N(0, 0.02) for every matrix, zero biases, and the two
         projections that write into the residual stream scaled by 1/sqrt(2 * n_layers), so the
@@ -246,28 +230,6 @@ class GPT(nn.Module, HookedModel):
         for layer in self.layers:
             nn.init.normal_(layer.self_attn.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(layer.ffn.down_proj.weight, mean=0.0, std=residual_std)
-
-    @classmethod
-    def from_config(cls, config: GPTConfig) -> GPT:
-        """Same as ``GPT(config)``: a freshly initialised model."""
-        return cls(config)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> GPT:
-        """A freshly initialised GPT of a named size, e.g. ``GPT.from_preset("tiny")``."""
-        return cls(GPTConfig.preset(name, **overrides))
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters, the tied embedding / LM head matrix counted once.
-
-        ``exclude_embeddings`` leaves out the token and position embedding tables (as Hugging
-        Face's ``num_parameters`` does; with tied weights this also drops the LM head).
-        """
-        params = {id(p): p for p in self.parameters()}  # tied weights appear once
-        if exclude_embeddings:
-            params.pop(id(self.wte.weight), None)
-            params.pop(id(self.wpe.embedding.weight), None)
-        return sum(p.numel() for p in params.values())
 
     def new_cache(self) -> ModelCache:
         """An empty KV cache, one ``KVCache`` per layer; use one per generated batch."""

@@ -23,17 +23,17 @@ this file only wires them. ``Llama.from_hf`` copies a ``transformers.LlamaForCau
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
-    HookedModel,
     ModelCache,
+    ModelConfig,
+    PresetModel,
     check_input_ids,
     default_positions,
     key_padding_mask,
@@ -45,7 +45,7 @@ from labkit.nn.positional import RotaryEmbedding, apply_rotary
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     """Hyper-parameters of a Llama model; the defaults are the ``"tiny"`` preset.
 
     ``max_len`` is Hugging Face's ``max_position_embeddings`` (RoPE has no table, but the
@@ -67,13 +67,12 @@ class LlamaConfig:
     eos_id: int | None = None
     pad_id: int | None = None
 
+    preset_label: ClassVar[str] = "Llama"
+
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "max_len", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_ff")
-        for name in sizes:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        self._check_sizes(*sizes)
+        self._check_heads(self.n_heads)
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
@@ -87,6 +86,7 @@ class LlamaConfig:
             raise ValueError(
                 f"rope_theta and eps must be > 0, got rope_theta={self.rope_theta}, eps={self.eps}"
             )
+        self._check_token_ids("vocab_size", ("bos_id", "eos_id", "pad_id"))
 
     @property
     def head_dim(self) -> int:
@@ -97,17 +97,8 @@ class LlamaConfig:
         return False
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
-        """A named configuration (see ``PRESETS``), with any field overridden by keyword."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown Llama preset {name!r}: expected one of {sorted(PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown LlamaConfig fields {unknown}: expected some of {sorted(fields)}"
-            )
-        return cls(**{**PRESETS[name], **overrides})
+    def _preset_table(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
@@ -247,7 +238,7 @@ class _Rotation:
         return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
-class Llama(nn.Module, HookedModel):
+class Llama(nn.Module, PresetModel):
     """Llama decoder-only language model built from labkit layers (see the module docstring).
 
     Submodules: ``embed_tokens``, ``layers`` (each an ``EncoderLayer`` with ``self_attn``,
@@ -273,29 +264,13 @@ class Llama(nn.Module, HookedModel):
         if c.tie_weights:
             self.lm_head.weight = self.embed_tokens.weight
 
+    config_class = LlamaConfig
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """N(0, 0.02) for every matrix (Hugging Face's ``initializer_range``); norms start at 1."""
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @classmethod
-    def from_config(cls, config: LlamaConfig) -> Llama:
-        """A randomly initialised model, same as ``Llama(config)``."""
-        return cls(config)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> Llama:
-        """A randomly initialised model of a named size, e.g. ``Llama.from_preset("tiny")``."""
-        return cls(LlamaConfig.preset(name, **overrides))
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters, tied weights counted once (as ``transformers``' method).
-
-        ``exclude_embeddings`` leaves out the token embedding, and with it a tied LM head.
-        """
-        skip = {id(self.embed_tokens.weight)} if exclude_embeddings else set()
-        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def new_cache(self) -> ModelCache:
         """An empty KV cache, one ``KVCache`` per layer."""

@@ -36,14 +36,15 @@ loops (greedy, beam search) live in ``labkit.generation``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from labkit.models.base import (
     EncoderDecoderCache,
-    HookedModel,
+    ModelConfig,
+    PresetModel,
     check_input_ids,
     default_positions,
     key_padding_mask,
@@ -76,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
     """Sizes and choices of the encoder-decoder model; the defaults are the paper's base model.
 
     ``bos_id`` starts every decoded sequence, ``eos_id`` ends it, ``pad_id`` fills batches;
@@ -100,15 +101,12 @@ class TransformerConfig:
     pad_id: int | None = 0
 
     def __post_init__(self) -> None:
-        sizes = (
+        self._check_sizes(
             "src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
             "n_decoder_layers", "d_ff", "max_len",
         )  # fmt: skip
-        for name in sizes:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {name}={getattr(self, name)}")
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        self._check_heads(self.n_heads)
+        self._check_dropout()
         if self.d_model % 2 != 0:
             raise ValueError(
                 f"d_model={self.d_model} must be even: the sinusoidal encoding fills columns "
@@ -119,13 +117,7 @@ class TransformerConfig:
                 f"share_embeddings needs one vocabulary for both sides, got "
                 f"src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}"
             )
-        for name in ("bos_id", "eos_id", "pad_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.tgt_vocab_size:
-                raise ValueError(
-                    f"{name}={value} must be a target id in [0, tgt_vocab_size="
-                    f"{self.tgt_vocab_size})"
-                )
+        self._check_token_ids("tgt_vocab_size", ("bos_id", "eos_id", "pad_id"), what="target")
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -133,15 +125,8 @@ class TransformerConfig:
         return True
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        """A named size ("tiny", "base", "big"), with any field replaced by ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig fields {unknown}; fields: {sorted(known)}")
-        return cls(**{**PRESETS[name], **overrides})
+    def _preset_table(cls) -> dict[str, dict[str, Any]]:
+        return PRESETS  # "tiny", "base", "big"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +177,7 @@ def _check_mask(name: str, mask: Tensor, batch: int, length: int) -> None:
         )
 
 
-class Transformer(nn.Module, HookedModel):
+class Transformer(nn.Module, PresetModel):
     """Encoder-decoder Transformer; see the module docstring for the wiring.
 
     Submodules: ``src_embed`` and ``tgt_embed`` (``nn.Embedding``, one object when
@@ -232,27 +217,7 @@ class Transformer(nn.Module, HookedModel):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    @classmethod
-    def from_config(cls, config: TransformerConfig) -> Transformer:
-        """The same as ``Transformer(config)``, named like the other labkit models' builder."""
-        return cls(config)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> Transformer:
-        """E.g. ``Transformer.from_preset("tiny", src_vocab_size=12, tgt_vocab_size=12)``."""
-        return cls(TransformerConfig.preset(name, **overrides))
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Trainable parameters, shared matrices counted once.
-
-        ``exclude_embeddings`` leaves out the token embeddings (and so the output projection
-        when it is tied to them); the sinusoidal encoding has no parameters.
-        """
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embeddings:
-            for embedding in (self.src_embed, self.tgt_embed):
-                params.pop(id(embedding.weight), None)
-        return sum(p.numel() for p in params.values())
+    config_class = TransformerConfig
 
     def new_cache(self) -> EncoderDecoderCache:
         """An empty cache for decoding one target token (or a few) at a time."""
