@@ -189,7 +189,8 @@ def api_pages(package_dir: str | Path) -> dict[str, str]:
 
     Modules are found on disk (``labkit/**/*.py``, private names and ``__main__`` left out), so
     a new module appears without editing the book. A package's page shows its docstring only:
-    its members are documented once, on the pages of the modules that define them.
+    its members are documented once, on the pages of the modules that define them. The
+    course's own tooling (``labkit.course``) is not library and is left out.
     """
     package_dir = Path(package_dir)
     modules: list[tuple[str, bool, str]] = []
@@ -198,7 +199,7 @@ def api_pages(package_dir: str | Path) -> dict[str, str]:
         is_package = parts[-1] == "__init__"
         if is_package:
             parts = parts[:-1]
-        if any(part.startswith("_") for part in parts):
+        if any(part.startswith("_") for part in parts) or parts[1:2] == ["course"]:
             continue
         docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         summary = docstring.strip().split("\n\n")[0].replace("\n", " ")
