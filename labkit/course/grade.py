@@ -40,13 +40,11 @@ from typing import Any
 import nbformat
 
 from labkit.course import sandbox
+from labkit.course.notebooks import ANSI
 
-LESSON_GLOB = "[0-9][0-9]_*.ipynb"
-EXERCISE_GLOB = "ex_*.ipynb"
 MAX_NOTEBOOK_BYTES = 50 << 20  # a submitted notebook larger than this is not read
 SOLUTION_TAGS = {"solution", "solution-heading"}  # the reference solution and its heading
 LIMIT = "OutputLimitExceeded"  # the worker's error name for too much output
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/dev")
 
 
