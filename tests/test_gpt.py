@@ -330,7 +330,7 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="max_len=16"):
         model(ids, positions=torch.arange(10) + 10)
     with pytest.raises(ValueError, match="cache has 3 layers"):
-        from labkit.models.base import ModelCache
+        from labkit.nn.cache import ModelCache
 
         model(ids, cache=ModelCache.empty(3))
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 import transformers
 
-from labkit.models.base import CausalLMOutput, ModelCache
+from labkit.models.base import CausalLMOutput
 from labkit.models.llama import Llama, LlamaConfig, hf_name_map
+from labkit.nn.cache import ModelCache
 
 ATOL = 1e-4
 SMOLLM2_PARAMETERS = 134_515_008

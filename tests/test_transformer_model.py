@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from labkit.data import CharTokenizer, make_sequence_task
-from labkit.models.base import EncoderDecoderCache
 from labkit.models.transformer import Seq2SeqOutput, Transformer, TransformerConfig
 from labkit.nn import DecoderLayer, EncoderLayer, sinusoidal_table
+from labkit.nn.cache import EncoderDecoderCache
 from labkit.train import IGNORE_INDEX, accuracy
 
 ATOL = 1e-5

@@ -7,9 +7,10 @@
 
 Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
 smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
-``num_parameters``. ``base.py`` holds what they share (named outputs, the KV caches, and
+``num_parameters``. ``base.py`` holds what they share (named outputs, config checks, and
 ``HookedModel``: every model names its hook points, ``model.hook_points()``, and offers
 ``model.run_with_cache(...)`` and ``model.hooks(...)``; see ``labkit.interp.activations``).
+The KV caches of generation (``model.new_cache()``) are in ``labkit.nn.cache``.
 Every model returns per-layer attention weights (``need_weights=True`` or
 ``output_attentions=True``) and hidden states (``output_hidden_states=True``) on request.
 ``lora.py`` adds LoRA adapters to any model's linear layers (``apply_lora``, merge/unmerge,
@@ -18,7 +19,7 @@ adapter save/load, a merged Llama saved for ``transformers``), computed as ``pef
 (``load("minilm")``, ``load("smollm2-135m-instruct")``, ``load_gpt2(path_or_hub_id)``).
 """
 
-from labkit.models.base import CausalLMOutput, EncoderDecoderCache, HookedModel, ModelCache
+from labkit.models.base import CausalLMOutput, HookedModel
 from labkit.models.bert import (
     BertConfig,
     BertEncoder,
@@ -68,14 +69,12 @@ __all__ = [
     "BertForSequenceClassification",
     "BertOutput",
     "CausalLMOutput",
-    "EncoderDecoderCache",
     "EncoderOutput",
     "GPTConfig",
     "HookedModel",
     "Llama",
     "LlamaConfig",
     "LoRALinear",
-    "ModelCache",
     "ParameterReport",
     "Pretrained",
     "PretrainedUnavailableError",

@@ -1,4 +1,4 @@
-"""What every labkit model shares: named outputs and the per-layer KV cache.
+"""What every labkit model shares: named outputs, input checks, the model and config base.
 
 Decoder-only models (``GPT``, ``Llama``) are called as
 ``model(input_ids, attention_mask=..., cache=...)`` and return a ``CausalLMOutput``; the
@@ -17,14 +17,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
-
-from labkit.nn.attention import KVCache
-from labkit.nn.layers import DecoderLayerCache
 
 
 class CausalLMOutput(NamedTuple):
@@ -43,27 +39,6 @@ class CausalLMOutput(NamedTuple):
     hidden: Tensor
     attentions: list[Tensor] | None
     hidden_states: list[Tensor] | None = None
-
-
-@dataclass
-class ModelCache:
-    """One ``KVCache`` per layer of a decoder-only model; start each generation afresh."""
-
-    layers: list[KVCache] = field(default_factory=list)
-
-    @classmethod
-    def empty(cls, n_layers: int) -> ModelCache:
-        return cls([KVCache() for _ in range(n_layers)])
-
-    @property
-    def seq_len(self) -> int:
-        """Positions cached so far (0 for a fresh cache)."""
-        return self.layers[0].seq_len if self.layers else 0
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B_new,) in every layer, e.g. the surviving beams."""
-        for layer in self.layers:
-            layer.reorder(index)
 
 
 def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
@@ -103,27 +78,6 @@ def positions_from_mask(attention_mask: Tensor, q_len: int) -> Tensor:
 def default_positions(past: int, q_len: int, device: torch.device) -> Tensor:
     """Positions (q_len,) = past, past + 1, ... for unpadded input."""
     return torch.arange(past, past + q_len, device=device)
-
-
-@dataclass
-class EncoderDecoderCache:
-    """One ``DecoderLayerCache`` per decoder layer of an encoder-decoder model."""
-
-    layers: list[DecoderLayerCache] = field(default_factory=list)
-
-    @classmethod
-    def empty(cls, n_layers: int) -> EncoderDecoderCache:
-        return cls([DecoderLayerCache() for _ in range(n_layers)])
-
-    @property
-    def seq_len(self) -> int:
-        """Target positions cached so far (0 for a fresh cache)."""
-        return self.layers[0].self_attn.seq_len if self.layers else 0
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B_new,) in every layer (self- and cross-attention)."""
-        for layer in self.layers:
-            layer.reorder(index)
 
 
 class ModelConfig:

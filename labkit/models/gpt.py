@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
-    ModelCache,
     ModelConfig,
     PresetModel,
     check_input_ids,
@@ -45,6 +44,7 @@ from labkit.models.base import (
     positions_from_mask,
     stack_outputs,
 )
+from labkit.nn.cache import ModelCache
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
 

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from labkit.models.base import (
     CausalLMOutput,
-    ModelCache,
     ModelConfig,
     PresetModel,
     check_input_ids,
@@ -40,6 +39,7 @@ from labkit.models.base import (
     positions_from_mask,
     stack_outputs,
 )
+from labkit.nn.cache import ModelCache
 from labkit.nn.layers import EncoderLayer, RMSNorm
 from labkit.nn.positional import RotaryEmbedding, apply_rotary
 

@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from labkit.models.base import (
-    EncoderDecoderCache,
     ModelConfig,
     PresetModel,
     check_input_ids,
@@ -51,6 +50,7 @@ from labkit.models.base import (
     positions_from_mask,
     stack_outputs,
 )
+from labkit.nn.cache import EncoderDecoderCache
 from labkit.nn.layers import DecoderLayer, EncoderLayer, LayerNorm
 from labkit.nn.positional import SinusoidalPositionalEncoding
 

@@ -3,8 +3,8 @@
 ``attention`` (the explicit scaled dot-product formula and ``MultiHeadAttention`` with
 grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend), ``efficient``
 (Linformer and Nyströmformer self-attention), ``positional`` (sinusoidal, learned, relative,
-rotary, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers) and ``cache`` (the
-key/value cache of incremental decoding) and ``hooks`` (``HookPoint``, where activations can be
+rotary, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers), ``cache`` (the
+key/value caches of incremental decoding) and ``hooks`` (``HookPoint``, where activations can be
 read or replaced). Every name is re-exported here, e.g.
 ``from labkit.nn import MultiHeadAttention, causal_mask``.
 """
@@ -15,7 +15,10 @@ from labkit.nn.attention import (
     scaled_dot_product_attention,
 )
 from labkit.nn.cache import (
+    DecoderLayerCache,
+    EncoderDecoderCache,
     KVCache,
+    ModelCache,
 )
 from labkit.nn.efficient import (
     LinformerSelfAttention,
@@ -24,7 +27,6 @@ from labkit.nn.efficient import (
 from labkit.nn.hooks import HookPoint, hooked, run_hook
 from labkit.nn.layers import (
     DecoderLayer,
-    DecoderLayerCache,
     EncoderLayer,
     FeedForward,
     LayerNorm,
@@ -60,9 +62,11 @@ __all__ = [
     "AttentionOutput",
     "DecoderLayer",
     "DecoderLayerCache",
+    "EncoderDecoderCache",
     "EncoderLayer",
     "FeedForward",
     "KVCache",
+    "ModelCache",
     "LayerNorm",
     "LayerOutput",
     "LearnedPositionalEmbedding",

@@ -1,9 +1,18 @@
-"""Caches of keys and values for incremental decoding.
+"""Caches of keys and values for incremental decoding, all in one place.
 
-``KVCache`` holds one attention layer's keys and values, each (B, H_kv, seen, d_k).
+* ``KVCache``: one attention layer's keys and values, each (B, H_kv, seen, d_k).
+* ``DecoderLayerCache``: a decoder layer's self-attention and cross-attention caches.
+* ``ModelCache``: one ``KVCache`` per layer of a decoder-only model (GPT, Llama).
+* ``EncoderDecoderCache``: one ``DecoderLayerCache`` per decoder layer (``Transformer``).
+
+Every cache knows ``seq_len`` (positions cached so far) and ``reorder(index)`` (keep batch
+rows, e.g. the surviving beams of beam search). Start each generation with a fresh one
+(``model.new_cache()``).
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -49,3 +58,63 @@ class KVCache:
         if self.k is not None:
             self.k = self.k.index_select(0, index)
             self.v = self.v.index_select(0, index)
+
+
+@dataclass
+class DecoderLayerCache:
+    """One decoder layer's state for incremental decoding.
+
+    ``self_attn`` grows by one position per generated token; ``cross_attn`` holds the
+    projected keys/values of the encoder memory, computed on the first step and reused after.
+    Start each new sequence with a fresh ``DecoderLayerCache()``.
+    """
+
+    self_attn: KVCache = field(default_factory=KVCache)
+    cross_attn: KVCache = field(default_factory=KVCache)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) of both caches, e.g. the surviving beams."""
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
+
+
+@dataclass
+class ModelCache:
+    """One ``KVCache`` per layer of a decoder-only model; start each generation afresh."""
+
+    layers: list[KVCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> ModelCache:
+        return cls([KVCache() for _ in range(n_layers)])
+
+    @property
+    def seq_len(self) -> int:
+        """Positions cached so far (0 for a fresh cache)."""
+        return self.layers[0].seq_len if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in every layer, e.g. the surviving beams."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+@dataclass
+class EncoderDecoderCache:
+    """One ``DecoderLayerCache`` per decoder layer of an encoder-decoder model."""
+
+    layers: list[DecoderLayerCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> EncoderDecoderCache:
+        return cls([DecoderLayerCache() for _ in range(n_layers)])
+
+    @property
+    def seq_len(self) -> int:
+        """Target positions cached so far (0 for a fresh cache)."""
+        return self.layers[0].self_attn.seq_len if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B_new,) in every layer (self- and cross-attention)."""
+        for layer in self.layers:
+            layer.reorder(index)

@@ -25,14 +25,14 @@ warm-up (Xiong et al., 2020).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labkit.nn.attention import AttentionOutput, KVCache, MultiHeadAttention
+from labkit.nn.attention import AttentionOutput, MultiHeadAttention, _check_input
+from labkit.nn.cache import DecoderLayerCache, KVCache
 from labkit.nn.hooks import HookPoint, run_hook
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
@@ -187,31 +187,6 @@ class LayerOutput(NamedTuple):
     cross_weights: Tensor | None
 
 
-@dataclass
-class DecoderLayerCache:
-    """One decoder layer's state for incremental decoding.
-
-    ``self_attn`` grows by one position per generated token; ``cross_attn`` holds the
-    projected keys/values of the encoder memory, computed on the first step and reused after.
-    Start each new sequence with a fresh ``DecoderLayerCache()``.
-    """
-
-    self_attn: KVCache = field(default_factory=KVCache)
-    cross_attn: KVCache = field(default_factory=KVCache)
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B_new,) of both caches, e.g. the surviving beams."""
-        self.self_attn.reorder(index)
-        self.cross_attn.reorder(index)
-
-
-def _check_sequence(name: str, x: Tensor, d_model: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(
-            f"{name} must be (batch, seq, d_model={d_model}), got shape {tuple(x.shape)}"
-        )
-
-
 def _torch_activation_name(activation: object) -> str:
     """The labkit name of the activation a torch Transformer layer holds."""
     if activation is F.relu or isinstance(activation, nn.ReLU):
@@ -335,7 +310,7 @@ class EncoderLayer(nn.Module):
         Returns:
             LayerOutput(hidden (B, T, D), self_weights (B, H, T, k_len) or None, None).
         """
-        _check_sequence("x", x, self.d_model)
+        _check_input("x", x, self.d_model)
         if cache is not None and not isinstance(cache, KVCache):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
 
@@ -460,8 +435,8 @@ class DecoderLayer(nn.Module):
             LayerOutput(hidden (B, T, D), self_weights (B, H, T, past + T) or None,
             cross_weights (B, H, T, S) or None).
         """
-        _check_sequence("x", x, self.d_model)
-        _check_sequence("memory", memory, self.d_model)
+        _check_input("x", x, self.d_model)
+        _check_input("memory", memory, self.d_model)
         if memory.shape[0] != x.shape[0]:
             raise ValueError(
                 f"x and memory batch sizes differ: x {tuple(x.shape)}, memory {tuple(memory.shape)}"
