@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from labkit.viz.heatmaps import _stack_layers, _to_numpy
+from labkit.interp.stats import stack_layers, to_numpy
 
 __all__ = [
     "PATTERNS",
@@ -50,7 +50,7 @@ PATTERNS = ("previous_token", "first_token", "self_token", "punctuation", "induc
 
 
 def _square(weights: Any) -> np.ndarray:
-    w = _to_numpy(weights)
+    w = to_numpy(weights)
     if w.ndim < 2 or w.shape[-1] != w.shape[-2]:
         raise ValueError(f"weights must be square self-attention (..., T, T), got {w.shape}")
     if w.shape[-1] < 2:
@@ -174,11 +174,11 @@ def score_heads(
     import pandas as pd
 
     if average_batch and isinstance(attentions, (list, tuple)) and attentions:
-        n = _to_numpy(attentions[0]).shape[0]
+        n = to_numpy(attentions[0]).shape[0]
         tables = [score_heads(attentions, tokens=tokens, period=period, start=start,
                               batch_index=b) for b in range(n)]  # fmt: skip
         return pd.concat(tables).groupby(["layer", "head"], as_index=False).mean()
-    stack = _stack_layers(attentions, batch_index)  # (L, H, T, T)
+    stack = stack_layers(attentions, batch_index)  # (L, H, T, T)
     n_layers, n_heads = stack.shape[:2]
     layers, heads = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     columns = {"layer": layers.ravel(), "head": heads.ravel(),
