@@ -27,15 +27,11 @@ from labkit.generation import (
     top_k_filter,
     top_p_filter,
 )
-from labkit.models.base import (
-    CausalLMOutput,
-    EncoderDecoderCache,
-    ModelCache,
-    check_input_ids,
-)
+from labkit.models.base import CausalLMOutput, check_input_ids
 from labkit.models.gpt import GPT
 from labkit.models.llama import Llama
 from labkit.models.transformer import Seq2SeqOutput, Transformer
+from labkit.nn.cache import EncoderDecoderCache, ModelCache
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3  # the labkit tokenizers' special ids, used by the toy models
 

@@ -7,7 +7,8 @@ backed by Hugging Face ``tokenizers``), ``bpe`` (``ByteLevelBPE``, byte-level BP
 scratch: training, encoding, GPT-2 files), ``augment`` (random deletion and swap, synonym
 replacement, paraphrase with SmolLM2) and ``hub`` (opt-in Hugging Face Hub datasets and the
 one probe of whether the Hub answers). Everything but ``hub`` works offline: corpora and
-weights come from pip packages, found by ``packages.package_dir``. Every name is re-exported
+weights come from pip packages, found by
+``package_dir`` of ``packages``. Every name is re-exported
 here, e.g. ``from labkit.data import load_shakespeare, CharTokenizer``.
 """
 
