@@ -214,3 +214,70 @@ def stack_outputs(
 ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
     """Empty lists for the per-layer attentions / hidden states that were asked for, else None."""
     return ([] if need_weights else None), ([] if output_hidden_states else None)
+
+
+Source = str | tuple[str, Callable[[Tensor], Tensor]]
+
+
+def copy_weights(
+    model: nn.Module,
+    theirs: Mapping[str, Tensor],
+    sources: Mapping[str, Source],
+    *,
+    keep: Iterable[str] = (),
+    checkpoint: str = "the checkpoint",
+    hint: str = "",
+) -> None:
+    """Fill ``model``'s parameters from another model's tensors, by name; the one routine every
+    ``from_hf`` uses.
+
+    theirs: the other model's tensors by name (e.g. ``dict(hf_model.named_parameters())``).
+    sources: ``{labkit parameter name: their name}``, or ``(their name, conversion)`` where the
+        tensor needs reshaping first (GPT-2's transposed Conv1D weights, its packed q/k/v).
+    keep: labkit parameters that keep their values (e.g. a pooler the checkpoint lacks).
+    checkpoint, hint: how the error names the source, and advice it ends with.
+
+    Every problem is found before anything is copied and reported at once, by name: labkit
+    parameters no source fills, source names ``theirs`` lacks (missing), tensors of ``theirs``
+    no labkit parameter takes (unexpected) and shapes that differ after conversion. The model
+    is moved to the device and dtype of ``theirs``.
+    """
+    ours = dict(model.named_parameters())  # a tied parameter is listed once
+    unfilled = sorted(set(ours) - set(sources) - set(keep))
+    unknown = sorted(set(sources) - set(ours))
+    pairs = {ours_name: (src, None) if isinstance(src, str) else src
+             for ours_name, src in sources.items()}  # fmt: skip
+    missing = sorted({name for name, _ in pairs.values() if name not in theirs})
+    unexpected = sorted(set(theirs) - {name for name, _ in pairs.values()})
+    converted, misshaped = {}, []
+    for our_name, (their_name, convert) in pairs.items():
+        if their_name in missing or our_name in unknown:
+            continue
+        value = theirs[their_name] if convert is None else convert(theirs[their_name])
+        if value.shape != ours[our_name].shape:
+            converted_note = " (converted)" if convert is not None else ""
+            misshaped.append(
+                f"{our_name}: {checkpoint} {their_name}{converted_note} is "
+                f"{tuple(value.shape)}, labkit {our_name} is {tuple(ours[our_name].shape)}"
+            )
+        converted[our_name] = value
+    problems = [
+        (f"labkit parameters with no source {unfilled}" if unfilled else ""),
+        (f"sources for parameters labkit does not have {unknown}" if unknown else ""),
+        (f"missing from {checkpoint}: {missing}" if missing else ""),
+        (f"unexpected in {checkpoint}: {unexpected}" if unexpected else ""),
+        ("shapes differ: " + "; ".join(misshaped) if misshaped else ""),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(
+            f"cannot copy {checkpoint} into labkit's {type(model).__name__}: "
+            + "; ".join(problems)
+            + (f" ({hint})" if hint else "")
+        )
+    first = next(iter(theirs.values()), None)
+    if first is not None:
+        model.to(device=first.device, dtype=first.dtype)
+    with torch.no_grad():
+        for our_name, value in converted.items():
+            ours[our_name].copy_(value)

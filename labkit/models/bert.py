@@ -44,6 +44,7 @@ from labkit.models.base import (
     ModelConfig,
     PresetModel,
     check_input_ids,
+    copy_weights,
     key_padding_mask,
     stack_outputs,
 )
@@ -358,25 +359,17 @@ def hf_bert_names(n_layers: int) -> dict[str, str]:
 
 
 def _copy_from_hf(model: nn.Module, hf: nn.Module, names: dict[str, str]) -> None:
-    """Copy ``hf`` parameters into ``model`` by ``names`` (theirs -> ours), checking shapes."""
-    theirs = dict(hf.named_parameters())
-    ours = dict(model.named_parameters())
-    source = next(iter(theirs.values()))
-    model.to(device=source.device, dtype=source.dtype)
-    with torch.no_grad():
-        for their_name, our_name in names.items():
-            if their_name not in theirs:
-                raise ValueError(
-                    f"the transformers model has no parameter {their_name!r} (pass a BertModel "
-                    "to BertEncoder.from_hf, e.g. hf.bert of a task model)"
-                )
-            src, dst = theirs[their_name], ours[our_name]
-            if src.shape != dst.shape:
-                raise ValueError(
-                    f"shape mismatch: transformers {their_name} is {tuple(src.shape)}, "
-                    f"labkit {our_name} is {tuple(dst.shape)}"
-                )
-            dst.copy_(src)
+    """Copy ``hf`` parameters into ``model`` by ``names`` (theirs -> ours) with
+    ``copy_weights``. A task head copies its own parameters only: its encoder (``bert.*``) is
+    filled by ``BertEncoder.from_hf``, and an encoder without a pooler keeps its own."""
+    head = isinstance(getattr(model, "bert", None), nn.Module)
+    theirs = {n: p for n, p in hf.named_parameters() if not (head and n.startswith("bert."))}
+    sources = {ours: theirs_name for theirs_name, ours in names.items()}
+    keep = [n for n, _ in model.named_parameters() if n.startswith("bert." if head else "pooler.")]
+    copy_weights(
+        model, theirs, sources, keep=keep, checkpoint="transformers",
+        hint="pass a BertModel to BertEncoder.from_hf, e.g. hf.bert of a task model",
+    )  # fmt: skip
 
 
 def _init_bert_weights(module: nn.Module) -> None:

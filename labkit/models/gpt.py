@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from labkit.models.base import (
@@ -39,6 +38,7 @@ from labkit.models.base import (
     ModelConfig,
     PresetModel,
     check_input_ids,
+    copy_weights,
     default_positions,
     key_padding_mask,
     positions_from_mask,
@@ -340,25 +340,13 @@ class GPT(nn.Module, PresetModel):
         """A labkit GPT holding the weights of a Hugging Face ``GPT2LMHeadModel``.
 
         Each labkit parameter is filled from the GPT-2 parameter that ``gpt2_source`` names,
-        after its conversion; a missing name or a shape mismatch raises ValueError. The result
-        is in eval mode, on the source model's device and in its dtype.
+        after its conversion (``copy_weights``: missing, unexpected and mis-shaped tensors raise
+        ValueError naming them). The result is in eval mode, on the source model's device and
+        in its dtype.
         """
-        config = GPTConfig.from_hf(hf_model.config)
-        source = hf_model.get_input_embeddings().weight
-        model = cls(config).to(device=source.device, dtype=source.dtype)
-        theirs = hf_model.state_dict()
-        with torch.no_grad():
-            for name, param in model.named_parameters():  # a tied lm_head is listed once, as wte
-                their_name, convert = gpt2_source(name)
-                if their_name not in theirs:
-                    raise ValueError(f"{name}: the GPT-2 checkpoint has no {their_name!r}")
-                value = convert(theirs[their_name])
-                if value.shape != param.shape:
-                    raise ValueError(
-                        f"{name} <- {their_name}: the checkpoint gives shape "
-                        f"{tuple(value.shape)}, the labkit model expects {tuple(param.shape)}"
-                    )
-                param.copy_(value)
+        model = cls(GPTConfig.from_hf(hf_model.config))
+        sources = {name: gpt2_source(name) for name, _ in model.named_parameters()}
+        copy_weights(model, dict(hf_model.named_parameters()), sources, checkpoint="GPT-2")
         return model.eval()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from labkit.models.base import (
@@ -34,6 +33,7 @@ from labkit.models.base import (
     ModelConfig,
     PresetModel,
     check_input_ids,
+    copy_weights,
     default_positions,
     key_padding_mask,
     positions_from_mask,
@@ -360,30 +360,13 @@ class Llama(nn.Module, PresetModel):
         """A labkit copy of a ``transformers.LlamaForCausalLM`` (eval mode, same dtype/device).
 
         Names are mapped by ``hf_name_map``; a missing or unexpected Hugging Face parameter, or
-        a shape that differs from labkit's, raises ValueError naming it.
+        a shape that differs from labkit's, raises ValueError naming it (``copy_weights``).
         """
         config = LlamaConfig.from_hf(hf_model.config)
-        theirs = hf_model.state_dict()
-        weight = theirs["model.embed_tokens.weight"]
-        model = cls(config).to(device=weight.device, dtype=weight.dtype)
-        ours = model.state_dict()
+        model = cls(config)
         names = hf_name_map(config.n_layers, config.tie_weights)
-        missing = sorted(set(names) - set(theirs))
-        unexpected = sorted(set(theirs) - set(names) - {"lm_head.weight"})
-        if missing or unexpected:
-            raise ValueError(
-                f"Hugging Face weights do not match a Llama of {config.n_layers} layers: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        with torch.no_grad():
-            for their_name, our_name in names.items():
-                src, dst = theirs[their_name], ours[our_name]
-                if src.shape != dst.shape:
-                    raise ValueError(
-                        f"shape mismatch: Hugging Face {their_name} is {tuple(src.shape)}, "
-                        f"labkit {our_name} is {tuple(dst.shape)}"
-                    )
-                dst.copy_(src)
+        sources = {ours: theirs for theirs, ours in names.items()}
+        copy_weights(model, dict(hf_model.named_parameters()), sources, checkpoint="Hugging Face")
         return model.eval()
 
     def to_hf(self) -> nn.Module:
