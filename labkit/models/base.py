@@ -209,11 +209,41 @@ class PresetModel(HookedModel):
         return cls(cls.config_class.preset(name, **overrides))
 
 
-def stack_outputs(
-    need_weights: bool, output_hidden_states: bool
-) -> tuple[list[Tensor] | None, list[Tensor] | None]:
-    """Empty lists for the per-layer attentions / hidden states that were asked for, else None."""
-    return ([] if need_weights else None), ([] if output_hidden_states else None)
+class StackOutput(NamedTuple):
+    """What ``run_layers`` returns: the last hidden state (B, T, D) and, when asked for, one
+    self-attention and one cross-attention weight tensor per layer and the n_layers + 1 hidden
+    states (the stream entering each layer, then the last layer's output)."""
+
+    hidden: Tensor
+    attentions: list[Tensor] | None
+    cross_attentions: list[Tensor] | None
+    hidden_states: list[Tensor] | None
+
+
+def run_layers(
+    layers: Iterable[nn.Module],
+    x: Tensor,
+    call: Callable[[int, nn.Module, Tensor], Any],
+    *,
+    need_weights: bool,
+    output_hidden_states: bool,
+) -> StackOutput:
+    """Run ``x`` through a stack of layers, ``out = call(i, layer, x)`` returning a
+    ``LayerOutput``, and collect what every model can return per layer."""
+    attentions = [] if need_weights else None
+    cross = [] if need_weights else None
+    hidden_states = [] if output_hidden_states else None
+    for i, layer in enumerate(layers):
+        if hidden_states is not None:
+            hidden_states.append(x)
+        out = call(i, layer, x)
+        x = out.hidden
+        if attentions is not None:
+            attentions.append(out.self_weights)
+            cross.append(out.cross_weights)
+    if hidden_states is not None:
+        hidden_states.append(x)
+    return StackOutput(x, attentions, cross, hidden_states)
 
 
 Source = str | tuple[str, Callable[[Tensor], Tensor]]

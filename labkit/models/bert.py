@@ -46,7 +46,7 @@ from labkit.models.base import (
     check_input_ids,
     copy_weights,
     key_padding_mask,
-    stack_outputs,
+    run_layers,
 )
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
@@ -286,17 +286,13 @@ class BertEncoder(nn.Module, PresetModel):
 
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         need_weights = need_weights or output_attentions
-        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
-        for layer in self.layers:
-            if hidden_states is not None:
-                hidden_states.append(x)
-            x, weights, _ = layer(x, mask, need_weights=need_weights)
-            if attentions is not None:
-                attentions.append(weights)  # (B, H, T, T)
-        if hidden_states is not None:
-            hidden_states.append(x)
+        stack = run_layers(
+            self.layers, x, lambda i, layer, h: layer(h, mask, need_weights=need_weights),
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        x = stack.hidden
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, D) from the [CLS] position
-        return BertOutput(x, pooled, attentions, hidden_states)
+        return BertOutput(x, pooled, stack.attentions, stack.hidden_states)
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]

@@ -42,7 +42,7 @@ from labkit.models.base import (
     default_positions,
     key_padding_mask,
     positions_from_mask,
-    stack_outputs,
+    run_layers,
 )
 from labkit.nn.cache import ModelCache
 from labkit.nn.layers import EncoderLayer, LayerNorm
@@ -306,19 +306,17 @@ class GPT(nn.Module, PresetModel):
         x = self.wte(input_ids) + self.wpe.embedding(positions.to(input_ids.device))
         x = self.drop(x)  # (B, T, D)
         need_weights = need_weights or output_attentions
-        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
-        layer_caches = [None] * c.n_layers if cache is None else cache.layers
-        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            if hidden_states is not None:
-                hidden_states.append(x)
-            out = layer(x, mask, is_causal=True, need_weights=need_weights, cache=layer_cache)
-            x = out.hidden  # (B, T, D)
-            if attentions is not None:
-                attentions.append(out.self_weights)  # (B, H, T, past + T)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        hidden = self.norm(x)  # (B, T, D)
-        return CausalLMOutput(self.lm_head(hidden), hidden, attentions, hidden_states)
+        caches = [None] * c.n_layers if cache is None else cache.layers
+        stack = run_layers(
+            self.layers, x,
+            lambda i, layer, h: layer(
+                h, mask, is_causal=True, need_weights=need_weights, cache=caches[i]
+            ),
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        hidden = self.norm(stack.hidden)  # (B, T, D)
+        # attentions: (B, H, T, past + T) per layer
+        return CausalLMOutput(self.lm_head(hidden), hidden, stack.attentions, stack.hidden_states)
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]

@@ -37,7 +37,7 @@ from labkit.models.base import (
     default_positions,
     key_padding_mask,
     positions_from_mask,
-    stack_outputs,
+    run_layers,
 )
 from labkit.nn.cache import ModelCache
 from labkit.nn.layers import EncoderLayer, RMSNorm
@@ -336,21 +336,16 @@ class Llama(nn.Module, PresetModel):
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         need_weights = need_weights or output_attentions
-        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
-        for i, layer in enumerate(self.layers):
-            if hidden_states is not None:
-                hidden_states.append(x)
-            out = layer(
-                x, mask, is_causal=True, need_weights=need_weights, rotary=rotary,
+        stack = run_layers(
+            self.layers, x,
+            lambda i, layer, h: layer(
+                h, mask, is_causal=True, need_weights=need_weights, rotary=rotary,
                 positions=positions, cache=None if cache is None else cache.layers[i],
-            )  # fmt: skip
-            x = out.hidden
-            if attentions is not None:
-                attentions.append(out.self_weights)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        x = self.norm(x)  # (B, T, D)
-        return CausalLMOutput(self.lm_head(x), x, attentions, hidden_states)
+            ),
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        x = self.norm(stack.hidden)  # (B, T, D)
+        return CausalLMOutput(self.lm_head(x), x, stack.attentions, stack.hidden_states)
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]

@@ -48,7 +48,7 @@ from labkit.models.base import (
     default_positions,
     key_padding_mask,
     positions_from_mask,
-    stack_outputs,
+    run_layers,
 )
 from labkit.nn.cache import EncoderDecoderCache
 from labkit.nn.layers import DecoderLayer, EncoderLayer, LayerNorm
@@ -264,18 +264,14 @@ class Transformer(nn.Module, PresetModel):
             positions = positions_from_mask(src_mask, src_len)  # (B, S)
             attn_mask = key_padding_mask(src_mask, src_len)  # (B, 1, 1, S)
         x = self._embed(self.src_embed, src_ids, positions)  # (B, S, D)
-        attentions, hidden_states = stack_outputs(need_weights, output_hidden_states)
-        for layer in self.encoder_layers:
-            if hidden_states is not None:
-                hidden_states.append(x)
-            out = layer(x, attn_mask, need_weights=need_weights)
-            x = out.hidden
-            if attentions is not None:
-                attentions.append(out.self_weights)  # (B, H, S, S)
-        if hidden_states is not None:
-            hidden_states.append(x)
+        stack = run_layers(
+            self.encoder_layers, x,
+            lambda i, layer, h: layer(h, attn_mask, need_weights=need_weights),
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        x = stack.hidden
         memory = x if self.encoder_norm is None else self.encoder_norm(x)
-        return EncoderOutput(memory, attentions, hidden_states)
+        return EncoderOutput(memory, stack.attentions, stack.hidden_states)  # (B, H, S, S) maps
 
     def decode(
         self,
@@ -336,26 +332,19 @@ class Transformer(nn.Module, PresetModel):
             self_mask = key_padding_mask(tgt_mask, past + tgt_len)  # (B, 1, 1, past + T)
 
         x = self._embed(self.tgt_embed, tgt_ids, positions)  # (B, T, D)
-        self_attentions, cross_attentions = [], []
-        hidden_states = [] if output_hidden_states else None
-        for i, layer in enumerate(self.decoder_layers):
-            if hidden_states is not None:
-                hidden_states.append(x)
-            out = layer(
-                x, memory, self_mask=self_mask, memory_mask=memory_mask, is_causal=True,
+        stack = run_layers(
+            self.decoder_layers, x,
+            lambda i, layer, h: layer(
+                h, memory, self_mask=self_mask, memory_mask=memory_mask, is_causal=True,
                 need_weights=need_weights, cache=None if cache is None else cache.layers[i],
-            )  # fmt: skip
-            x = out.hidden
-            self_attentions.append(out.self_weights)
-            cross_attentions.append(out.cross_weights)
-        if hidden_states is not None:
-            hidden_states.append(x)
+            ),
+            need_weights=need_weights, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        x = stack.hidden
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         logits = self.lm_head(x)  # (B, T, V)
-        if not need_weights:
-            return Seq2SeqOutput(logits, None, None, hidden_states)
-        return Seq2SeqOutput(logits, self_attentions, cross_attentions, hidden_states)
+        return Seq2SeqOutput(logits, stack.attentions, stack.cross_attentions, stack.hidden_states)
 
     def forward(
         self,
