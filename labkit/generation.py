@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from labkit.device import model_device
 from labkit.models.base import check_input_ids
+from labkit.nn.masks import pad_sequences
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -372,14 +373,7 @@ def _tokenize(
     empty = [i for i, row in enumerate(rows) if not row]
     if empty:
         raise ValueError(f"prompt(s) {empty} tokenize to no tokens at all")
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[b, cols] = torch.tensor(row, dtype=torch.long)
-        mask[b, cols] = 1
-    return ids, mask
+    return pad_sequences(rows, pad_id, side="left" if left else "right")  # (B, T) each
 
 
 def _prepare_inputs(
@@ -667,11 +661,6 @@ class GenerationOutput:
     beam_scores: Tensor | None = None
 
 
-def _pad_rows(rows: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
-    width = max(len(row) for row in rows)
-    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
-
-
 def generate(
     model: nn.Module,
     input_ids: Tensor | str | Sequence[str] | Sequence[int],
@@ -710,10 +699,10 @@ def generate(
         else:
             hypotheses = _beam_search(seqs, config, special)
             generated = [h.items[0][1] for h in hypotheses]
-            new = _pad_rows(generated, special.pad_id, ids.device)
+            new = pad_sequences(generated, special.pad_id, device=ids.device)[0]
             scores = torch.tensor([h.items[0][0] for h in hypotheses], device=ids.device)
             all_rows = [tokens for h in hypotheses for _, tokens in h.items]
-            beam_tokens = _pad_rows(all_rows, special.pad_id, ids.device)
+            beam_tokens = pad_sequences(all_rows, special.pad_id, device=ids.device)[0]
             beam_tokens = beam_tokens.view(len(hypotheses), config.num_beams, -1)
             beam_scores = torch.tensor(
                 [[score for score, _ in h.items] for h in hypotheses], device=ids.device

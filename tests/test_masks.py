@@ -192,3 +192,17 @@ def test_block_sparse_pattern(seq_len, block_size, neighbours, n_global, causal,
 def test_block_sparse_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         block_sparse_mask(8, **kwargs)
+
+
+def test_pad_sequences_pads_either_side_and_marks_real_tokens():
+    from labkit.nn import pad_sequences
+
+    ids, mask = pad_sequences([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences([[5, 6, 7], [8]], 9, width=4)
+    assert ids.tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="width=2 is shorter than the longest row"):
+        pad_sequences([[1, 2, 3]], 0, width=2)
+    with pytest.raises(ValueError, match="side must be"):
+        pad_sequences([[1]], 0, side="middle")

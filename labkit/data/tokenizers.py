@@ -31,10 +31,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import Tensor
+
+from labkit.nn.masks import pad_sequences
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")  # ids 0, 1, 2, 3 in every tokenizer
 PADDING_SIDES = ("right", "left")
@@ -172,14 +173,9 @@ class Tokenizer(ABC):
                 ids = ids[: max_length - n_special]
             rows.append([self.bos_id, *ids, self.eos_id] if add_special_tokens else ids)
 
-        width = max_length if padding == "max_length" else max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-        for b, row in enumerate(rows):
-            start = 0 if padding_side == "right" else width - len(row)
-            input_ids[b, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, start : start + len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        width = max_length if padding == "max_length" else None
+        input_ids, attention_mask = pad_sequences(rows, self.pad_id, side=padding_side, width=width)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}  # (B, T) each
 
 
 class CharTokenizer(Tokenizer):

@@ -1,6 +1,7 @@
 """Attention masks: which keys each query may see (all bool, **True = may attend**).
 
-Padding (``padding_mask``, ``padding_mask_from_ids``), causal (``causal_mask``) and the sparse
+Padding (``pad_sequences`` builds a padded batch and its attention mask; ``padding_mask``,
+``padding_mask_from_ids``), causal (``causal_mask``) and the sparse
 patterns of efficient attention: a local band (``sliding_window_mask``), Longformer's band plus
 global tokens (``longformer_mask``) and BigBird-style blocks (``block_sparse_mask``).
 
@@ -173,3 +174,33 @@ def block_sparse_mask(
     if causal:
         mask &= _offsets(seq_len, device) >= 0
     return mask
+
+
+def pad_sequences(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    side: str = "right",
+    width: int | None = None,
+    device: Device = None,
+) -> tuple[Tensor, Tensor]:
+    """Token id lists of different lengths -> ``(ids, attention_mask)``, both (B, width) long.
+
+    Each row is padded with ``pad_id`` on ``side`` ("right", or "left" as batched generation
+    needs) to ``width`` (default: the longest row); ``attention_mask`` is 1 on real tokens,
+    0 on padding. The one padding helper of labkit: tokenizers, generation and the explorer
+    all batch through it.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    longest = max((len(row) for row in rows), default=0)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"width={width} is shorter than the longest row ({longest} tokens)")
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[b, cols] = torch.tensor(list(row), dtype=torch.long, device=device)
+        mask[b, cols] = 1
+    return ids, mask

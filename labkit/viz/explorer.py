@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from labkit.device import model_device
+from labkit.nn.masks import pad_sequences
 from labkit.viz.heatmaps import attention_heatmap
 
 __all__ = ["AttentionExplorer", "display_token", "model_kind"]
@@ -249,12 +250,7 @@ class AttentionExplorer:
                     f"{self.max_tokens} tokens (max_tokens)"
                 )
                 rows[b] = r[: self.max_tokens]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = 1
+        ids, mask = pad_sequences(rows, self.tok.pad_id)
         if len(rows) > 1 and (mask == 0).any():
             notes.append("padded batch: padding positions are removed from every map")
         return ids, mask, notes
@@ -368,13 +364,7 @@ class AttentionExplorer:
                 raise ValueError(f"got {len(targets)} targets for {src.shape[0]} source texts")
             rows = [self.tok.encode(t, False) for t in targets]
         rows = [[config.bos_id, *r][: self.max_tokens] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), config.pad_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, : len(r)] = 1
-        return ids, mask
+        return pad_sequences(rows, config.pad_id or 0)
 
     # --- access ------------------------------------------------------------------------------
 
