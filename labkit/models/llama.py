@@ -361,7 +361,10 @@ class Llama(nn.Module, PresetModel):
         model = cls(config)
         names = hf_name_map(config.n_layers, config.tie_weights)
         sources = {ours: theirs for theirs, ours in names.items()}
-        copy_weights(model, dict(hf_model.named_parameters()), sources, checkpoint="Hugging Face")
+        theirs = dict(hf_model.named_parameters())
+        if config.tie_weights:  # a tied head is the embedding; a loader may list it untied
+            theirs.pop("lm_head.weight", None)
+        copy_weights(model, theirs, sources, checkpoint="Hugging Face")
         return model.eval()
 
     def to_hf(self) -> nn.Module:
