@@ -3,7 +3,8 @@
 ``cli`` (the ``labkit`` command and ``python -m labkit``), ``notebooks`` (run notebooks with
 papermill, smoke or full), ``book`` (stage and build the Jupyter Book; it reads the repository
 checkout, the one part of labkit that does), ``exercises`` (write starter notebooks from the
-solved exercises), ``classroom`` (nbgrader metadata for the exercises), ``grade`` (``labkit
+solved exercises), ``checks`` (the exercise check cells' helper: passed, failed with a hint,
+or not answered yet), ``classroom`` (nbgrader metadata for the exercises), ``grade`` (``labkit
 grade``: score students' notebooks), run by ``grade_worker`` inside ``sandbox`` (isolation and
 limits), ``demo`` (``labkit demo``) and ``chargpt`` (the character-level GPT recipe behind
 ``labkit train char-gpt``). Import from the module, e.g.
