@@ -376,19 +376,15 @@ class Llama(nn.Module, PresetModel):
         """
         import transformers
 
-        weight = self.embed_tokens.weight
-        hf = transformers.LlamaForCausalLM(self.config.to_hf()).to(weight.device, weight.dtype)
-        ours, theirs = self.state_dict(), hf.state_dict()
+        hf = transformers.LlamaForCausalLM(self.config.to_hf())
         names = hf_name_map(self.config.n_layers, self.config.tie_weights)
-        unexpected = sorted(set(ours) - set(names.values()) - {"lm_head.weight"})
+        unexpected = sorted(set(self.state_dict()) - set(names.values()) - {"lm_head.weight"})
         if unexpected:
             raise ValueError(
                 f"parameters {unexpected} have no Hugging Face name: to_hf exports a plain "
                 "Llama (merge LoRA adapters first with labkit.models.lora.merged)"
             )
-        with torch.no_grad():
-            for their_name, our_name in names.items():
-                theirs[their_name].copy_(ours[our_name])
+        copy_weights(hf, dict(self.named_parameters()), names, checkpoint="labkit's Llama")
         if self.config.tie_weights:
             hf.tie_weights()
         return hf.eval()
