@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from labkit.data.tokenizers import SPECIAL_TOKENS, CharTokenizer
-from labkit.device import get_device, seed_everything
+from labkit.device import get_device, model_device, seed_everything
 from labkit.generation import GenerationConfig, generate
 from labkit.models.gpt import GPT, GPTConfig
 from labkit.train.checkpoints import (
@@ -288,7 +288,7 @@ def estimate_loss(
 ) -> float:
     """Mean next-character cross-entropy over ``windows`` in batches (nanoGPT's estimate_loss),
     in eval mode; equal batches make it the mean over every predicted character."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

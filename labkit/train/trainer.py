@@ -214,9 +214,9 @@ class Trainer:
             its own loaders: a seeded order per epoch that it can resume mid-epoch, and each
             process's share of the batch.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss of a micro-batch,
-            instead of the default cross-entropy (with ``label_smoothing``, -100 = ignore) of
-            ``model(inputs)`` against ``targets``. Micro-batches then weigh equally, which is
-            the big batch's mean when the loss is a per-example mean.
+            instead of the default cross-entropy (with ``label_smoothing``; ``IGNORE_INDEX``
+            targets ignored) of ``model(inputs)`` against ``targets``. Micro-batches then weigh
+            equally, which is the big batch's mean when the loss is a per-example mean.
         metrics: ``{name: fn(logits, targets) -> float}`` for evaluation, averaged over
             batches weighted by their number of targets; default ``{"accuracy": accuracy}``
             with the default loss, none with a ``loss_fn``. They need standard batches.
@@ -601,7 +601,9 @@ class Trainer:
         # Each total averaged over processes: the ratios below are then over all processes.
         totals = {key: all_reduce_mean(value, self.dist) for key, value in totals.items()}
         if totals["loss_weight"] == 0 or (self.metrics and totals["targets"] == 0):
-            raise ValueError("eval_data gave no batches, or only targets equal to -100")
+            raise ValueError(
+                f"eval_data gave no batches, or only targets equal to IGNORE_INDEX={IGNORE_INDEX}"
+            )
         results = {"loss": totals["loss"] / totals["loss_weight"]}
         results.update({name: totals[name] / totals["targets"] for name in self.metrics})
         if self.dist.is_main:
