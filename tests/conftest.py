@@ -4,8 +4,14 @@ Every test that takes the ``device`` fixture runs on the CPU and, when a CUDA GP
 again on the GPU (reported as skipped otherwise), so the GPU path is tested wherever it exists.
 """
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+# Debian's Chromium, which the browser tests drive (playwright never downloads one).
+CHROMIUM = Path("/usr/bin/chromium")
 
 DEVICES = [
     "cpu",
@@ -91,3 +97,27 @@ def pytest_collection_modifyitems(config, items) -> None:
         return 0
 
     items.sort(key=stage)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by playwright (never a downloaded browser).
+
+    One for the whole session: the book's and JupyterLab's browser tests share it (a second
+    ``sync_playwright()`` while the first is open fails with "Sync API inside the asyncio loop").
+    """
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[book]')"
+    if reason is None and not CHROMIUM.exists():
+        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield chromium
+        chromium.close()

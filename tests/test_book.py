@@ -33,7 +33,6 @@ from labkit.course.book import Page
 from labkit.course.notebooks import FINGERPRINT_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "build" / "screenshots"
 PAGE_BUDGET_BYTES = 1_500_000  # one HTML page; an inlined plotly.js alone is 4.8 MB
 # Everything else one page loads (theme, search index, images, fonts), leaving out the two
@@ -474,26 +473,6 @@ def book_server(built_book: book.BookBuild) -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Debian's headless Chromium driven by playwright (never a downloaded browser)."""
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[book]')"
-    if reason is None and not CHROMIUM.exists():
-        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield chromium
-        chromium.close()
 
 
 def _local_target(html_dir: Path, page_url: str, href: str, base: str) -> tuple[Path, str] | None:

@@ -38,7 +38,6 @@ from labkit.course.exercises import check_call, starter_notebook
 from labkit.course.notebooks import export_html
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "build" / "screenshots"
 TOKEN = "labkit-browser-test"
 LESSONS = ["00_welcome.ipynb", "07_efficient_attention.ipynb", "11_attention_heatmaps.ipynb"]
@@ -134,26 +133,6 @@ def lab(course: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's headless Chromium driven by playwright (never a downloaded browser)."""
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[book]')"
-    if reason is None and not CHROMIUM.exists():
-        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run in CI: {reason}", pytrace=False)
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield chromium
-        chromium.close()
 
 
 def _state(page, path: str) -> dict | None:
