@@ -220,7 +220,7 @@ def test_char_gpt_bad_flags_are_one_clear_line(tmp_path, capsys):
     assert "validation split has 10 characters" in capsys.readouterr().err
     assert main(["sample", "--out", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("labkit: error:") and "nothing' holds no trained char-GPT run" in err
+    assert err.startswith("labkit: error:") and "nothing' holds no trained char-GPT or BPE" in err
     assert not (tmp_path / "never").exists()
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage line + message
         main([*base, "--n-layer", "two"])
@@ -250,3 +250,110 @@ def test_default_text_is_labkits_tiny_shakespeare():
     text = load_text()  # what `labkit train char-gpt` trains on without --text
     assert len(text) == 993_249 + 2 * (len(TINY_WORKS) - 1)  # the works, joined by blank lines
     assert text.startswith("ANTONY AND CLEOPATRA") and "ROMEO" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# labkit train bpe-gpt: the same recipe on byte-level BPE tokens
+# ---------------------------------------------------------------------------------------------
+
+BPE_RUN = [*TINY_RUN, "--vocab-size", "300", "--eval-iters", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(text, run dir, stdout) of one tiny bpe-gpt run (one thread: far faster when busy)."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp("bpe_gpt")
+    text, out = _play(folder / "play.txt"), folder / "run"
+    stdout, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            flags = ["--text", str(text), *BPE_RUN, "--device", "cpu", "--out", str(out)]
+            assert main(["train", "bpe-gpt", *flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return text, out, stdout.getvalue()
+
+
+def test_bpe_gpt_trains_on_a_bpe_of_the_training_split(bpe_run):
+    from labkit.course.chargpt import VAL_FRACTION, CharWindows, load_run
+    from labkit.data import ByteLevelBPE
+
+    text_path, out, stdout = bpe_run
+    start = [float(v) for v in START.search(stdout).groups()]
+    final = [float(v) for v in FINAL.search(stdout).groups()]
+    assert start[1] == pytest.approx(math.log(300), abs=0.1)  # 300 ids, uniform at first
+    assert final[0] < start[0] - 0.2 and final[1] < start[1] - 0.2
+    assert {"checkpoint.pt", "config.json", "tokenizer"} <= {p.name for p in out.iterdir()}
+    model, tokenizer, run = load_run(out, "cpu")
+    assert run["format"] == "labkit.bpe-gpt" and run["settings"]["vocab_size"] == 300
+    # The tokenizer is the BPE of the first 90% of the characters: the held-out text is unseen.
+    text = text_path.read_text()
+    cut = int(len(text) * (1 - VAL_FRACTION))
+    assert tokenizer.merges == ByteLevelBPE.train(text[:cut], 300).merges
+    assert tokenizer.merges != ByteLevelBPE.train(text, 300).merges
+    # Bits per character, recomputed independently: log2-probabilities of the validation
+    # windows' targets (drawn as the run drew them: the train windows first) over the
+    # characters those targets spell.
+    val_ids = torch.tensor(tokenizer.encode(text[cut:]))
+    train_ids = torch.tensor(tokenizer.encode(text[:cut]))
+    generator = torch.Generator().manual_seed(run["settings"]["seed"])
+    n = 2 * 4  # eval_iters x batch_size
+    CharWindows.random(train_ids, 16, n, generator)
+    x, y = zip(*CharWindows.random(val_ids, 16, n, generator), strict=True)
+    with torch.no_grad():
+        logp = model(torch.stack(x)).logits.double().log_softmax(-1)  # (n, 16, V)
+    bits = -logp.gather(-1, torch.stack(y)[..., None]).sum().item() / math.log(2)
+    characters = sum(len(tokenizer.decode(t.tolist())) for t in y)
+    assert run["results"]["val_loss"] == pytest.approx(final[1], abs=1e-4)
+    assert run["results"]["val_bits_per_char"] == pytest.approx(bits / characters, rel=1e-4)
+    assert f"({run['results']['val_bits_per_char']:.4f} bits per character)" in stdout
+
+
+def test_bpe_gpt_resumes_where_the_run_would_have_ended(bpe_run, tmp_path, capsys, one_thread):
+    import shutil
+
+    _, reference, stdout = bpe_run
+    run = shutil.copytree(reference, tmp_path / "run")
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoints" / "step_0000020.pt").unlink()  # as if stopped after step 10
+    assert main(["train", "bpe-gpt", "--out", str(run), "--resume", "--no-progress"]) == 0
+    resumed = capsys.readouterr().out
+    assert "resumed from" in resumed and "step 10 of 20" in resumed
+    assert FINAL.search(resumed).groups() == FINAL.search(stdout).groups()
+    assert main(["train", "bpe-gpt", "--out", str(run), "--resume", "--vocab-size", "320"]) == 2
+    assert "--vocab-size 300 but this run has --vocab-size 320" in capsys.readouterr().err
+
+
+def test_bpe_gpt_samples_any_prompt_and_names_a_damaged_tokenizer(bpe_run, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = bpe_run
+    args = ["sample", "--out", str(out), "--max-new-tokens", "20", "--device", "cpu"]
+    samples = []
+    for prompt, seed in (("ROMEO:", "3"), ("ROMEO:", "3"), ("ROMEO:", "4"), ("Romeo @", "3")):
+        assert main([*args, "--prompt", prompt, "--seed", seed]) == 0  # '@' is a byte: fine
+        samples.append(capsys.readouterr().out)
+    assert all(s.startswith("ROMEO:") for s in samples[:3]) and samples[3].startswith("Romeo @")
+    assert samples[0] == samples[1] != samples[2]
+    damaged = shutil.copytree(out, tmp_path / "run")
+    (damaged / "tokenizer" / "merges.txt").write_text("#version: 0.2\nab\n")
+    assert main([*args[:1], "--out", str(damaged), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labkit: error:") and "tokenizer" in err and len(err.splitlines()) == 1
+
+
+def test_bpe_gpt_help_and_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "bpe-gpt", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--vocab-size [A-Z_]+ [^(]*\(default: 2048\)", usage)
+    assert re.search(r"--max-iters [A-Z_]+ [^(]*\(default: 2000\)", usage)  # char-gpt's
+    assert "complete works" in usage
+    base = ["train", "bpe-gpt", "--out", str(tmp_path / "never")]
+    assert main([*base, "--vocab-size", "100"]) == 2
+    assert "vocab_size must be an int >= 256" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -6,8 +6,9 @@ checkout, the one part of labkit that does), ``exercises`` (write starter notebo
 solved exercises), ``checks`` (the exercise check cells' helper: passed, failed with a hint,
 or not answered yet), ``classroom`` (nbgrader metadata for the exercises), ``grade`` (``labkit
 grade``: score students' notebooks), run by ``grade_worker`` inside ``sandbox`` (isolation and
-limits), ``demo`` (``labkit demo``) and ``chargpt`` (the character-level GPT recipe behind
-``labkit train char-gpt``). Import from the module, e.g.
+limits), ``demo`` (``labkit demo``), ``chargpt`` (the character-level GPT recipe behind
+``labkit train char-gpt``) and ``bpegpt`` (the same recipe on byte-level BPE tokens,
+``labkit train bpe-gpt``). Import from the module, e.g.
 ``from labkit.course.chargpt import CharGPTSettings``; nothing is re-exported here, so that
 ``import labkit.course.cli`` stays quick and the library never pulls in the course's tools.
 """

@@ -2,6 +2,9 @@
 
 ``labkit train char-gpt`` and ``labkit sample`` are thin wrappers around :func:`train` and
 :func:`load_run` + :func:`sample_text`; ``benchmarks/nanogpt_char.py`` calls :func:`train` too.
+The same functions run ``labkit train bpe-gpt`` (``labkit.course.bpegpt``): a recipe is its
+settings class, which also says how the run reads its text and makes, saves and loads its
+tokenizer (:meth:`CharGPTSettings.tokenize` and the methods next to it).
 
 The recipe (nanoGPT ``config/train_shakespeare_char.py`` with its CPU settings, the defaults of
 :class:`CharGPTSettings`):
@@ -18,7 +21,9 @@ The recipe (nanoGPT ``config/train_shakespeare_char.py`` with its CPU settings, 
   to 1.0; 12 x 64 = 768 tokens per step;
 - evaluation (nanoGPT's ``estimate_loss``): the mean loss over ``eval_iters`` batches of random
   windows of each split. The windows are drawn once per run, so successive evaluations
-  measure the same text and differ only by what the model learnt.
+  measure the same text and differ only by what the model learnt. The final validation loss
+  is also given in bits per character (``val_bits_per_char``: the windows' nats over the
+  characters their targets spell, divided by ln 2), the unit that compares tokenizers.
 
 A run directory (``--out``) holds ``config.json`` (model config, settings and, once the run
 has finished, its figures) and ``tokenizer.json``, both written when the run starts;
@@ -42,13 +47,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -57,6 +63,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from labkit.data.bpe import ByteLevelBPE
 from labkit.data.tokenizers import SPECIAL_TOKENS, CharTokenizer
 from labkit.device import get_device, model_device, seed_everything
 from labkit.generation import GenerationConfig, generate
@@ -104,7 +111,16 @@ class CharGPTSettings:
     checkpoint_every: write a checkpoint every so many steps (None = every evaluation);
     keep: how many of the newest checkpoints to keep (the best by validation loss is kept too);
     on_checkpoint_error: "stop" or "continue" training when a checkpoint cannot be written.
+
+    The class is the recipe: ``recipe`` names its ``labkit train`` command, ``run_format`` marks
+    its run files, and :meth:`read_text`, :meth:`tokenize`, :meth:`save_tokenizer` and
+    :meth:`load_tokenizer` are what a subclass (``labkit.course.bpegpt``) changes.
     """
+
+    recipe: ClassVar[str] = "char-gpt"
+    label: ClassVar[str] = "char-GPT"  # in messages
+    run_format: ClassVar[str] = RUN_FORMAT
+    tokenizer_file: ClassVar[str] = TOKENIZER  # in the run directory
 
     text: str | None = None
     n_layer: int = 4
@@ -207,18 +223,70 @@ class CharGPTSettings:
         """Steps between checkpoints: ``checkpoint_every``, else ``eval_interval``."""
         return self.checkpoint_every or self.eval_interval
 
+    # The recipe's data: what a subclass changes. -----------------------------------------
+
+    def read_text(self) -> str:
+        """The training text: the file ``text``, or labkit's tiny Shakespeare."""
+        return load_text(self.text)
+
+    def tokenize(self, text: str) -> tuple[CharTokenizer, Tensor, Tensor, str]:
+        """The tokenizer (one id per character of the whole text, as nanoGPT), the train and
+        validation ids (N_train,) and (N_val,), and a line describing them for the log."""
+        tokenizer = CharTokenizer.from_corpus(text)
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+        train_ids, val_ids = split_ids(ids, self.block_size, self.batch_size)
+        source = self.text or "labkit's tiny Shakespeare"
+        line = (
+            f"text: {source}, {len(ids):,} characters, vocabulary {len(tokenizer.chars)} "
+            f"characters + {len(SPECIAL_TOKENS)} special; train {len(train_ids):,} / val "
+            f"{len(val_ids):,}"
+        )
+        return tokenizer, train_ids, val_ids, line
+
+    @staticmethod
+    def tokenizer_record(tokenizer: CharTokenizer) -> Any:
+        """What checkpoints record of the tokenizer, to tell its file from another run's."""
+        return tokenizer.chars
+
+    @staticmethod
+    def save_tokenizer(tokenizer: CharTokenizer, path: Path) -> None:
+        """Write the tokenizer to ``path`` (``tokenizer.json``), atomically."""
+        _write_atomically(path, tokenizer.save)
+
+    @staticmethod
+    def load_tokenizer(path: Path, vocab_size: int, recorded: Any) -> CharTokenizer:
+        """The run's tokenizer, checked against the model's vocabulary size and the characters
+        the checkpoint recorded (``recorded``, None if it recorded none)."""
+        fix = "copy the run's own tokenizer.json back, or train again"
+        try:
+            tokenizer = CharTokenizer.load(path)
+        except ValueError as error:  # names the file: not JSON, not a CharTokenizer
+            raise ValueError(f"{error}; {fix}") from None
+        except Exception:  # JSON of the right format holding the wrong things
+            raise ValueError(f"{str(path)!r} is damaged (no valid character list); {fix}") from None
+        if tokenizer.vocab_size != vocab_size or (
+            recorded is not None and tokenizer.chars != recorded
+        ):
+            raise ValueError(
+                f"{str(path)!r} does not match the model ({tokenizer.vocab_size} tokens, the "
+                f"model has {vocab_size}, or other characters): it is damaged or from another "
+                f"run; {fix}"
+            )
+        return tokenizer
+
 
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
 
 
-def load_text(path: str | Path | None = None) -> str:
-    """The text of ``path`` (UTF-8), or labkit's packaged tiny Shakespeare when None."""
+def load_text(path: str | Path | None = None, subset: str = "tiny") -> str:
+    """The text of ``path`` (UTF-8), or when None labkit's packaged Shakespeare: the works of
+    ``subset`` ("tiny" or "complete", ``labkit.data.shakespeare_texts``) joined by blank lines."""
     if path is None:
         from labkit.data.corpora import shakespeare_texts
 
-        return "\n\n".join(shakespeare_texts("tiny").values())
+        return "\n\n".join(shakespeare_texts(subset).values())
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"text file {str(path)!r} does not exist")
@@ -233,7 +301,8 @@ def _check_sequence(ids: Tensor, block_size: int) -> None:
 
 
 class CharWindows(Dataset):
-    """Next-character training pairs cut from one long sequence of ids.
+    """Next-token training pairs cut from one long sequence of ids (characters, or BPE tokens
+    in ``labkit.course.bpegpt``).
 
     Item i is ``(ids[s : s + T], ids[s + 1 : s + T + 1])``, two (T,) tensors, with
     s = ``starts[i]``; by default every offset 0 .. len(ids) - T - 1 once, so a shuffled pass
@@ -268,10 +337,19 @@ def split_ids(ids: Tensor, block_size: int, batch_size: int) -> tuple[Tensor, Te
     """The first 90% of ``ids`` and the last 10%, each checked to hold full windows."""
     n_train = int(len(ids) * (1 - VAL_FRACTION))
     train, val = ids[:n_train], ids[n_train:]
+    check_splits(train, val, block_size, batch_size)
+    return train, val
+
+
+def check_splits(
+    train: Tensor, val: Tensor, block_size: int, batch_size: int, unit: str = "characters"
+) -> None:
+    """ValueError unless both splits hold a window of ``block_size`` ``unit`` (+1 target) and
+    the train split at least ``batch_size`` of them."""
     for name, part in (("train", train), ("validation", val)):
         if len(part) <= block_size:
             raise ValueError(
-                f"the {name} split has {len(part)} characters, too few for one window of "
+                f"the {name} split has {len(part)} {unit}, too few for one window of "
                 f"block_size={block_size} (+1 target); use a longer text or a smaller block_size"
             )
     if len(train) - block_size < batch_size:
@@ -279,15 +357,14 @@ def split_ids(ids: Tensor, block_size: int, batch_size: int) -> tuple[Tensor, Te
             f"the train split has {len(train) - block_size} windows of block_size={block_size}, "
             f"fewer than batch_size={batch_size}"
         )
-    return train, val
 
 
 @torch.no_grad()
 def estimate_loss(
     model: GPT, windows: CharWindows, batch_size: int, amp_dtype: torch.dtype | None = None
 ) -> float:
-    """Mean next-character cross-entropy over ``windows`` in batches (nanoGPT's estimate_loss),
-    in eval mode; equal batches make it the mean over every predicted character."""
+    """Mean next-token cross-entropy over ``windows`` in batches (nanoGPT's estimate_loss), in
+    eval mode; equal batches make it the mean over every predicted token."""
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -302,6 +379,12 @@ def estimate_loss(
     return total / count
 
 
+def target_characters(windows: CharWindows, tokenizer: CharTokenizer | ByteLevelBPE) -> int:
+    """How many characters the targets of ``windows`` spell: one per token for characters,
+    several per BPE token. Nats over these characters, divided by ln 2, are bits per character."""
+    return sum(len(tokenizer.decode(windows[i][1].tolist())) for i in range(len(windows)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +392,11 @@ def estimate_loss(
 
 @dataclass
 class CharGPTResult:
-    """What a run measured. Losses are nats per character over ``eval_iters`` batches.
+    """What a run measured. Losses are nats per token (a character in char-gpt) over
+    ``eval_iters`` batches; val_bits_per_char is the final validation loss in bits per
+    character of the text its windows' targets spell.
 
-    tokens_per_s: trained characters per second of optimizer steps (evaluation excluded);
+    tokens_per_s: trained tokens per second of optimizer steps (evaluation excluded);
     fit_s: seconds in ``Trainer.fit`` (periodic evaluation included); wall_s: the whole run,
     from reading the text to the saved checkpoint. model (eval mode, on the run's device) and
     tokenizer are ready for :func:`sample_text`.
@@ -321,6 +406,7 @@ class CharGPTResult:
     initial_val_loss: float
     train_loss: float
     val_loss: float
+    val_bits_per_char: float
     tokens_per_s: float
     fit_s: float
     wall_s: float
@@ -329,7 +415,7 @@ class CharGPTResult:
     history: pd.DataFrame
     out: Path
     model: GPT
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | ByteLevelBPE
 
     def figures(self) -> dict[str, float | int]:
         """The numbers only (what config.json's "results" holds)."""
@@ -413,9 +499,11 @@ def _check_resumable(saved: dict[str, Any], ours: dict[str, Any], where: str) ->
         )
 
 
-def resume_point(out: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of the run in ``out`` and what the recipe stored with it
-    (``extra``: format, settings, model, tokenizer, run identity); ValueError naming the
+def resume_point(
+    out: str | Path, recipe: type[CharGPTSettings] = CharGPTSettings
+) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of the ``recipe`` run in ``out`` and what the recipe stored with
+    it (``extra``: format, settings, model, tokenizer, run identity); ValueError naming the
     problem when there is none or it is unusable."""
     out = Path(out)
     latest = latest_checkpoint(out / CHECKPOINTS)
@@ -432,18 +520,20 @@ def resume_point(out: str | Path) -> tuple[Path, dict[str, Any]]:
     )
     state = read_checkpoint(latest, fix=fix)
     extra = state.get("extra")
-    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"checkpoint {str(latest)!r} is not from a char-GPT run; {fix}")
+    if not isinstance(extra, dict) or extra.get("format") != recipe.run_format:
+        raise CheckpointError(f"checkpoint {str(latest)!r} is not from a {recipe.label} run; {fix}")
     if not isinstance(extra.get("settings"), dict) or not isinstance(extra.get("identity"), dict):
         raise CheckpointError(f"checkpoint {str(latest)!r} holds no run settings; {fix}")
     return latest, extra
 
 
-def saved_settings(out: str | Path) -> CharGPTSettings:
-    """The settings of the run in ``out``, as its newest checkpoint recorded them."""
-    latest, extra = resume_point(out)
+def saved_settings(
+    out: str | Path, recipe: type[CharGPTSettings] = CharGPTSettings
+) -> CharGPTSettings:
+    """The settings of the ``recipe`` run in ``out``, as its newest checkpoint recorded them."""
+    latest, extra = resume_point(out, recipe)
     try:
-        return CharGPTSettings(**extra["settings"])
+        return recipe(**extra["settings"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {str(latest)!r} holds bad settings ({error})") from None
 
@@ -470,7 +560,9 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
 ) -> CharGPTResult:
-    """Train a character GPT as ``settings`` say and save the run to ``out``.
+    """Train a GPT as ``settings`` say (their class is the recipe: characters for
+    ``CharGPTSettings``, BPE tokens for ``labkit.course.bpegpt.BPEGPTSettings``) and save the
+    run to ``out``.
 
     ``resume``: continue the run in ``out`` from its newest checkpoint (the settings must be
     the run's own in everything that changes the result; :func:`saved_settings` gives them).
@@ -482,16 +574,11 @@ def train(
     start = time.perf_counter()
     out = Path(out)
     _prepare_out(out, resume, overwrite)
-    resume_from = resume_point(out) if resume else None
-    text = load_text(settings.text)
-    tokenizer = CharTokenizer.from_corpus(text)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
-    train_ids, val_ids = split_ids(ids, settings.block_size, settings.batch_size)
-    source = settings.text or "labkit's tiny Shakespeare"
-    log(
-        f"text: {source}, {len(ids):,} characters, vocabulary {len(tokenizer.chars)} characters "
-        f"+ {len(SPECIAL_TOKENS)} special; train {len(train_ids):,} / val {len(val_ids):,}"
-    )
+    recipe = type(settings)
+    resume_from = resume_point(out, recipe) if resume else None
+    text = settings.read_text()
+    tokenizer, train_ids, val_ids, description = settings.tokenize(text)
+    log(description)
 
     config = settings.train_config(out / CHECKPOINTS)  # checks the device first
     identity = _run_identity(settings, config, text)
@@ -508,12 +595,12 @@ def train(
         model, config, CharWindows(train_ids, settings.block_size), val_sample, metrics={}
     )
     run = {
-        "format": RUN_FORMAT,
+        "format": recipe.run_format,
         "model": asdict(model.config),
         "settings": asdict(settings),
         "identity": identity,
     }
-    trainer.checkpoint_extra = {**run, "tokenizer": tokenizer.chars}
+    trainer.checkpoint_extra = {**run, "tokenizer": recipe.tokenizer_record(tokenizer)}
     n_params = model.num_parameters()
     log(
         f"model: {n_params / 1e6:.2f}M parameters (n_layer={settings.n_layer}, "
@@ -522,7 +609,7 @@ def train(
     )
     if trainer.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out / TOKENIZER, tokenizer.save)
+        recipe.save_tokenizer(tokenizer, out / recipe.tokenizer_file)
         _write_json(out / CONFIG, {**run, "results": None})
 
     def losses() -> tuple[float, float]:
@@ -546,11 +633,16 @@ def train(
     # The history's tokens_per_s is per step; every step trains B * T characters.
     tokens_per_step = settings.batch_size * settings.block_size
     step_s = (tokens_per_step / history["tokens_per_s"]).sum()  # seconds in optimizer steps
+    val_tokens = len(val_sample) * settings.block_size
     result = CharGPTResult(
         initial_train_loss=initial[0],
         initial_val_loss=initial[1],
         train_loss=final[0],
         val_loss=final[1],
+        val_bits_per_char=final[1]
+        * val_tokens
+        / target_characters(val_sample, tokenizer)
+        / math.log(2),
         tokens_per_s=tokens_per_step * len(history) / step_s,
         fit_s=fit_s,
         wall_s=time.perf_counter() - start,
@@ -566,13 +658,14 @@ def train(
         _write_json(out / CONFIG, {**run, "results": result.figures()})
     log(
         f"final (step {settings.max_iters}, {settings.eval_iters} batches per split): "
-        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
+        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f} "
+        f"({result.val_bits_per_char:.4f} bits per character)"
     )
     log(
         f"speed: {result.tokens_per_s:,.0f} tokens/s in training steps; "
         f"wall time {result.wall_s:.1f} s (training {fit_s:.1f} s with evaluations)"
     )
-    log(f"saved {CHECKPOINT}, {CONFIG}, {TOKENIZER} to {out}")
+    log(f"saved {CHECKPOINT}, {CONFIG}, {recipe.tokenizer_file} to {out}")
     return result
 
 
@@ -581,8 +674,16 @@ def train(
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_run_json(path: Path) -> dict[str, Any]:
-    """config.json's contents, or a ValueError naming the file and what is wrong with it."""
+def recipes() -> dict[str, type[CharGPTSettings]]:
+    """The recipes ``labkit sample`` reads, by the format their config.json names."""
+    from labkit.course.bpegpt import BPEGPTSettings  # a subclass of ours: imported late
+
+    return {recipe.run_format: recipe for recipe in (CharGPTSettings, BPEGPTSettings)}
+
+
+def _read_run_json(path: Path) -> tuple[type[CharGPTSettings], dict[str, Any]]:
+    """The recipe of config.json and its contents, or a ValueError naming the file and what is
+    wrong with it."""
     fix = "restore it from a backup, or train the run again"
     try:
         run = json.loads(path.read_bytes().decode("utf-8"))
@@ -590,13 +691,16 @@ def _read_run_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} is damaged (not UTF-8 text); {fix}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{str(path)!r} is damaged (not valid JSON: {error}); {fix}") from None
-    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+    known = recipes()
+    recipe = known.get(run.get("format")) if isinstance(run, dict) else None
+    if recipe is None:
         raise ValueError(
-            f"{str(path)!r} is not the config of a char-GPT run (no format {RUN_FORMAT!r}); {fix}"
+            f"{str(path)!r} is not the config of a char-GPT or BPE-GPT run (no format "
+            f"{' or '.join(map(repr, known))}); {fix}"
         )
     if not isinstance(run.get("model"), dict):
         raise ValueError(f"{str(path)!r} is damaged (no model settings); {fix}")
-    return run
+    return recipe, run
 
 
 def _run_checkpoint(out: Path) -> Path | None:
@@ -605,8 +709,11 @@ def _run_checkpoint(out: Path) -> Path | None:
     return final if final.is_file() else latest_checkpoint(out / CHECKPOINTS)
 
 
-def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, CharTokenizer, dict]:
-    """The trained model (eval mode, on ``device``), its tokenizer and config.json's contents.
+def load_run(
+    out: str | Path, device: str = "auto"
+) -> tuple[GPT, CharTokenizer | ByteLevelBPE, dict]:
+    """The trained model (eval mode, on ``device``), its tokenizer and config.json's contents,
+    of a char-gpt or bpe-gpt run (config.json says which).
 
     Reads ``checkpoint.pt``, or the newest checkpoint of a run still under way (or
     interrupted). Each file is checked: a damaged, foreign or mismatched one (e.g. a
@@ -614,14 +721,17 @@ def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, CharTokenizer,
     """
     out = Path(out)
     checkpoint = _run_checkpoint(out)
-    missing = [name for name in (CONFIG, TOKENIZER) if not (out / name).is_file()]
+    missing = [] if (out / CONFIG).is_file() else [CONFIG]
+    if not missing:
+        recipe, run = _read_run_json(out / CONFIG)
+        missing += [] if (out / recipe.tokenizer_file).exists() else [recipe.tokenizer_file]
     missing += [CHECKPOINT] if checkpoint is None else []
     if missing:
         raise ValueError(
-            f"{str(out)!r} holds no trained char-GPT run (missing {', '.join(missing)}); "
-            "train one with: labkit train char-gpt --out DIR"
+            f"{str(out)!r} holds no trained char-GPT or BPE-GPT run (missing "
+            f"{', '.join(missing)}); train one with: labkit train char-gpt --out DIR "
+            "(or bpe-gpt)"
         )
-    run = _read_run_json(out / CONFIG)
     target = get_device(device)
     state = read_checkpoint(checkpoint, map_location=target, fix="train the run again")
     where = f"checkpoint {str(checkpoint)!r}"
@@ -650,31 +760,22 @@ def load_run(out: str | Path, device: str = "auto") -> tuple[GPT, CharTokenizer,
             f"{where} does not fit the model of {str(out / CONFIG)!r} ({reason}): it is a "
             "checkpoint of another model size or run; copy the run's own checkpoint back"
         ) from None
-    tokenizer = _load_tokenizer(out / TOKENIZER, model.config.vocab_size, extra.get("tokenizer"))
+    tokenizer = recipe.load_tokenizer(
+        out / recipe.tokenizer_file, model.config.vocab_size, extra.get("tokenizer")
+    )
     return model.to(target).eval(), tokenizer, run
 
 
-def _load_tokenizer(path: Path, vocab_size: int, chars: list[str] | None) -> CharTokenizer:
-    """The run's tokenizer, checked against the model's vocabulary size (and the characters
-    the checkpoint recorded)."""
-    fix = "copy the run's own tokenizer.json back, or train again"
-    try:
-        tokenizer = CharTokenizer.load(path)
-    except ValueError as error:  # names the file: not JSON, not a CharTokenizer
-        raise ValueError(f"{error}; {fix}") from None
-    except Exception:  # JSON of the right format holding the wrong things
-        raise ValueError(f"{str(path)!r} is damaged (no valid character list); {fix}") from None
-    if tokenizer.vocab_size != vocab_size or (chars is not None and tokenizer.chars != chars):
-        raise ValueError(
-            f"{str(path)!r} does not match the model ({tokenizer.vocab_size} tokens, the model "
-            f"has {vocab_size}, or other characters): it is damaged or from another run; {fix}"
-        )
-    return tokenizer
+def _banned_ids(tokenizer: CharTokenizer | ByteLevelBPE) -> tuple[int, ...]:
+    """The special tokens: never trained, so never sampled."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tuple(range(len(SPECIAL_TOKENS)))
+    return tuple(tokenizer.special_tokens.values())
 
 
 def sample_text(
     model: GPT,
-    tokenizer: CharTokenizer,
+    tokenizer: CharTokenizer | ByteLevelBPE,
     prompt: str,
     *,
     max_new_tokens: int = 500,
@@ -682,20 +783,23 @@ def sample_text(
     top_k: int | None = 200,
     seed: int | None = None,
 ) -> str:
-    """``prompt`` followed by ``max_new_tokens`` sampled characters.
+    """``prompt`` followed by ``max_new_tokens`` sampled tokens (characters for char-gpt).
 
     Generation runs through ``labkit.generation.generate`` with a KV cache. The model knows
     ``max_len`` positions only, so a longer text is made in windows: once the text fills the
-    context, the next window starts from its last max_len // 2 characters (nanoGPT instead
-    recomputes the last max_len characters for every new one). The special tokens were never
-    trained, so they are banned: all four count as end-of-text and ``min_new_tokens`` forbids
-    ending early. ``seed`` makes the draws reproducible (window i uses seed + i).
+    context, the next window starts from its last max_len // 2 tokens (nanoGPT instead
+    recomputes the last max_len tokens for every new one). The special tokens were never
+    trained, so they are banned: all of them count as end-of-text and ``min_new_tokens``
+    forbids ending early. ``seed`` makes the draws reproducible (window i uses seed + i).
+    A character model knows only its training text's characters; a byte-level BPE model
+    encodes any prompt.
     """
     if not prompt:
         raise ValueError("prompt must hold at least one character")
-    unknown = sorted(set(prompt) - set(tokenizer.chars))
-    if unknown:
-        raise ValueError(f"prompt characters {unknown} are not in the model's vocabulary")
+    if isinstance(tokenizer, CharTokenizer):
+        unknown = sorted(set(prompt) - set(tokenizer.chars))
+        if unknown:
+            raise ValueError(f"prompt characters {unknown} are not in the model's vocabulary")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     max_len = model.config.max_len
@@ -711,7 +815,7 @@ def sample_text(
             do_sample=True,
             temperature=temperature,
             top_k=top_k,
-            eos_id=tuple(range(len(SPECIAL_TOKENS))),
+            eos_id=_banned_ids(tokenizer),
             seed=None if seed is None else seed + window,
         )
         output = generate(model, torch.tensor([context]), config=config)
@@ -725,12 +829,15 @@ __all__ = [
     "CharGPTResult",
     "CharGPTSettings",
     "CharWindows",
+    "check_splits",
     "estimate_loss",
     "load_run",
     "load_text",
+    "recipes",
     "resume_point",
     "sample_text",
     "saved_settings",
     "split_ids",
+    "target_characters",
     "train",
 ]

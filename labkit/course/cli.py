@@ -2,7 +2,8 @@
 (grade students' notebooks in a sandbox, see ``labkit.course.grade``),
 ``notebooks run`` (execute the course notebooks, full mode by default), ``book build`` (render
 the course book, see ``labkit.course.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
-model, see ``labkit.course.chargpt``) and ``sample`` (text from it)."""
+model, see ``labkit.course.chargpt``), ``train bpe-gpt`` (the same on BPE tokens, see
+``labkit.course.bpegpt``) and ``sample`` (text from either)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from pathlib import Path
 from labkit import __version__
 
 RUN_DIR = "out-shakespeare-char"  # nanoGPT's out_dir for this recipe
+BPE_RUN_DIR = "out-shakespeare-bpe"
 CHAR_GPT_DESCRIPTION = (
     "train nanoGPT's character-level Shakespeare GPT; the defaults are its CPU recipe "
     "(validation loss about 1.88 after 2000 steps on nanoGPT's tiny Shakespeare)"
+)
+BPE_GPT_DESCRIPTION = (
+    "train a GPT on byte-level BPE tokens of the complete works of Shakespeare; the char-gpt "
+    "recipe and flags, plus --vocab-size (the tokenizer is trained on the training split)"
 )
 
 
@@ -152,15 +158,24 @@ class _NotGiven:
 NOT_GIVEN = _NotGiven()
 
 
-def _train_char_gpt(args: argparse.Namespace) -> int:
+def _recipe(name: str) -> type:
+    """The settings class of ``labkit train NAME``."""
+    from labkit.course.chargpt import recipes
+
+    return next(r for r in recipes().values() if r.recipe == name)
+
+
+def _train_recipe(args: argparse.Namespace) -> int:
+    from dataclasses import fields as dataclass_fields
     from dataclasses import replace
 
-    from labkit.course.chargpt import CharGPTSettings, saved_settings, train
+    from labkit.course.chargpt import saved_settings, train
     from labkit.train.checkpoints import CheckpointWriteError
     from labkit.train.interrupts import TrainingInterrupted
 
-    parser = char_gpt_parser()
-    fields = CharGPTSettings.__dataclass_fields__
+    recipe = _recipe(args.train_command)
+    parser = recipe_parser(recipe.recipe)
+    fields = [field.name for field in dataclass_fields(recipe)]
     flags = parser.parse_args(args.flags)
     if flags.resume:  # the run's own settings, but for the flags given on this command line
         given = parser.parse_args(
@@ -168,10 +183,10 @@ def _train_char_gpt(args: argparse.Namespace) -> int:
         )
         changed = {name: getattr(given, name) for name in fields}
         changed = {name: value for name, value in changed.items() if value is not NOT_GIVEN}
-        settings = replace(saved_settings(flags.out), **changed)
+        settings = replace(saved_settings(flags.out, recipe), **changed)
     else:
-        settings = CharGPTSettings(**{name: getattr(flags, name) for name in fields})
-    again = f"labkit train char-gpt --out {flags.out} --resume"
+        settings = recipe(**{name: getattr(flags, name) for name in fields})
+    again = f"labkit train {recipe.recipe} --out {flags.out} --resume"
     try:
         train(settings, flags.out, resume=flags.resume, overwrite=flags.overwrite)
     except TrainingInterrupted as stop:
@@ -211,17 +226,22 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def char_gpt_parser() -> argparse.ArgumentParser:
-    """The flags of ``labkit train char-gpt``, with ``CharGPTSettings``' defaults (nanoGPT's CPU
-    recipe). Built only when that command runs: it imports torch, which the others need not."""
-    from labkit.course.chargpt import PRECISIONS, CharGPTSettings
+def recipe_parser(name: str = "char-gpt") -> argparse.ArgumentParser:
+    """The flags of ``labkit train NAME`` (char-gpt or bpe-gpt), with its settings' defaults
+    (nanoGPT's CPU recipe). Built only when that command runs: it imports torch, which the
+    others need not."""
+    from labkit.course.chargpt import PRECISIONS
 
-    d = CharGPTSettings()
-    parser = argparse.ArgumentParser(prog="labkit train char-gpt", description=CHAR_GPT_DESCRIPTION)
+    recipe = _recipe(name)
+    d = recipe()
+    bpe = name == "bpe-gpt"
+    description = BPE_GPT_DESCRIPTION if bpe else CHAR_GPT_DESCRIPTION
+    parser = argparse.ArgumentParser(prog=f"labkit train {name}", description=description)
     dflt = " (default: %(default)s)"
     add = parser.add_argument
-    add("--text", help="UTF-8 text file (default: labkit's tiny Shakespeare)")
-    add("--out", default=RUN_DIR, help="run directory to write" + dflt)
+    works = "complete works of Shakespeare" if bpe else "tiny Shakespeare"
+    add("--text", help=f"UTF-8 text file (default: labkit's {works})")
+    add("--out", default=BPE_RUN_DIR if bpe else RUN_DIR, help="run directory to write" + dflt)
     add(
         "--resume",
         action="store_true",
@@ -229,11 +249,15 @@ def char_gpt_parser() -> argparse.ArgumentParser:
         "(flags given here must not change the result)",
     )
     add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    if bpe:
+        tokens = parser.add_argument_group("tokenizer").add_argument
+        tokens("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary" + dflt)
     model = parser.add_argument_group("model").add_argument
     model("--n-layer", type=int, default=d.n_layer, help="transformer blocks" + dflt)
     model("--n-head", type=int, default=d.n_head, help="attention heads" + dflt)
     model("--n-embd", type=int, default=d.n_embd, help="model width" + dflt)
-    model("--block-size", type=int, default=d.block_size, help="context length" + dflt)
+    unit = "tokens" if bpe else "characters"
+    model("--block-size", type=int, default=d.block_size, help=f"context, {unit}" + dflt)
     model("--dropout", type=float, default=d.dropout, help="dropout rate" + dflt)
     opt = parser.add_argument_group("optimisation").add_argument
     opt("--batch-size", type=int, default=d.batch_size, help="windows per step" + dflt)
@@ -435,15 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from the command line")
     train_commands = train.add_subparsers(dest="train_command", required=True)
-    char_gpt = train_commands.add_parser(  # its flags: char_gpt_parser
-        "char-gpt", add_help=False, help=CHAR_GPT_DESCRIPTION.split(";")[0]
-    )
-    char_gpt.set_defaults(run=_train_char_gpt, takes_flags=True)
+    for name, description in (("char-gpt", CHAR_GPT_DESCRIPTION), ("bpe-gpt", BPE_GPT_DESCRIPTION)):
+        recipe = train_commands.add_parser(  # its flags: recipe_parser
+            name, add_help=False, help=description.split(";")[0]
+        )
+        recipe.set_defaults(run=_train_recipe, takes_flags=True)
 
-    sample = commands.add_parser("sample", help="generate text from a `train char-gpt` run")
+    sample = commands.add_parser(
+        "sample", help="generate text from a `train char-gpt` or `train bpe-gpt` run"
+    )
     sample.add_argument("--out", default=RUN_DIR, help=f"run directory (default: {RUN_DIR})")
     sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="characters to add")
+    sample.add_argument(
+        "--max-new-tokens", type=int, default=500, help="tokens to add (characters for char-gpt)"
+    )
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-k", type=int, default=200, help="sample from the k most likely")
     sample.add_argument("--seed", type=int, default=1337)
