@@ -1,6 +1,7 @@
 """labkit.nn against PyTorch's references: scaled_dot_product_attention vs
 F.scaled_dot_product_attention, MultiHeadAttention vs nn.MultiheadAttention, the KV cache vs a
-full causal pass, and the efficient variants (Linformer, Nyström) vs exact softmax attention."""
+full causal pass, and the efficient variants (Linformer, Nyström, Performer) vs exact softmax
+attention."""
 
 import math
 
@@ -15,8 +16,12 @@ from labkit.nn import (
     LinformerSelfAttention,
     MultiHeadAttention,
     NystromSelfAttention,
+    PerformerSelfAttention,
     causal_mask,
+    favor_features,
+    gaussian_projection,
     padding_mask,
+    performer_attention,
     scaled_dot_product_attention,
 )
 
@@ -855,3 +860,151 @@ def test_nystrom_rejects_indivisible_length():
         attn(torch.randn(1, 10, 16))
     with pytest.raises(ValueError, match="n_landmarks must be > 0, got 0"):
         NystromSelfAttention(16, 2, n_landmarks=0)
+
+
+# ==============================================================================================
+# Performer (FAVOR+)
+# ==============================================================================================
+
+
+def test_gaussian_projection_orthogonal_blocks_with_gaussian_norms():
+    w = gaussian_projection(40, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert w.shape == (40, 16)
+    for block in (w[:16], w[16:32], w[32:]):  # rows of one block are mutually orthogonal
+        gram = block @ block.T
+        off_diagonal = gram - torch.diag(torch.diagonal(gram))
+        assert off_diagonal.abs().max() < 1e-10
+    norms = w.norm(dim=-1)
+    assert norms.std() > 0.1  # chi(16)-distributed lengths, not unit rows
+    iid = gaussian_projection(40, 16, orthogonal=False, generator=torch.Generator().manual_seed(0))
+    assert (iid[:16] @ iid[:16].T - torch.diag((iid[:16] ** 2).sum(-1))).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_favor_features_estimate_the_softmax_kernel_without_bias(orthogonal):
+    # phi(x)·phi(y) averages m single-feature estimates, each with relative variance
+    # exp(|x + y|²) - 1 (the paper's lemma 2): the mean must land within 4 standard errors.
+    gen = torch.Generator().manual_seed(0)
+    x, y = (0.4 * torch.randn(5, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    m = 100_000
+    w = gaussian_projection(m, 8, orthogonal=orthogonal, generator=gen, dtype=torch.float64)
+    estimate = (favor_features(x, w) * favor_features(y, w)).sum(-1)  # (5,)
+    exact = torch.exp((x * y).sum(-1))
+    standard_error = torch.sqrt(torch.expm1((x + y).square().sum(-1)) / m)
+    assert ((estimate / exact - 1).abs() < 4 * standard_error).all(), estimate / exact
+    assert (favor_features(x, w) > 0).all()  # positive features: no negative weights
+
+
+def test_orthogonal_features_have_lower_variance_than_iid():
+    gen = torch.Generator().manual_seed(0)
+    x, y = (0.3 * torch.randn(16, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def spread(orthogonal):
+        draws = [
+            favor_features(x, w) @ favor_features(y, w)
+            for w in (
+                gaussian_projection(
+                    32, 16, orthogonal=orthogonal, generator=gen, dtype=torch.float64
+                )
+                for _ in range(400)
+            )
+        ]
+        return torch.stack(draws).std()
+
+    assert spread(True) < 0.9 * spread(False)  # measured 0.17 vs 0.20
+
+
+def test_performer_error_shrinks_with_the_number_of_features():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 64, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    q, k = 0.5 * q, 0.5 * k
+    exact = torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v
+
+    def rms_error(m):  # averaged over 4 independent projections
+        errors = [
+            (performer_attention(q, k, v, gaussian_projection(m, 16, generator=gen)) - exact)
+            .square().mean().sqrt()
+            for _ in range(4)
+        ]  # fmt: skip
+        return torch.stack(errors).mean().item()
+
+    errors = [rms_error(m) for m in (16, 256, 4096)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 4, errors  # about 1/sqrt(m): measured 10x for 256x m
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_equals_the_direct_formula_with_the_same_features(causal, device):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 10, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 10, 5, generator=gen, dtype=torch.float64)
+    w = gaussian_projection(24, 8, generator=gen, dtype=torch.float64)
+    q, k, v, w = (t.to(device) for t in (q, k, v, w))
+    weights = favor_features(q / 8**0.25, w) @ favor_features(k / 8**0.25, w).transpose(-1, -2)
+    if causal:  # (T, T) mask: query i keeps keys j <= i
+        weights = weights * causal_mask(10, device=device)
+    direct = weights / weights.sum(-1, keepdim=True) @ v
+    got = performer_attention(q, k, v, w, causal=causal)
+    torch.testing.assert_close(got, direct, rtol=1e-10, atol=1e-12)
+
+
+def test_performer_stabilisation_keeps_large_scores_finite():
+    # Rows of norm 30 (as with QK-norm): exp(-|x|²/2) underflows to 0 for every feature, so
+    # the unshifted ratio is 0/0; the shifts of performer_attention cancel and keep it finite.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 16, 8, generator=gen) for _ in range(3))
+    q, k = (30 * F.normalize(t, dim=-1) for t in (q, k))
+    w = gaussian_projection(32, 8, generator=gen)
+    fq, fk = (favor_features(t / 8**0.25, w) for t in (q, k))
+    naive = fq @ fk.transpose(-1, -2) @ v / (fq @ fk.transpose(-1, -2)).sum(-1, keepdim=True)
+    assert not torch.isfinite(naive).any()
+    for causal in (False, True):
+        assert torch.isfinite(performer_attention(q, k, v, w, causal=causal)).all()
+
+
+def test_performer_module_is_the_core_around_projections_and_causal(device):
+    torch.manual_seed(0)
+    attn = PerformerSelfAttention(16, 4, n_features=32, causal=True).to(device, torch.float64)
+    x = torch.randn(2, 12, 16, device=device, dtype=torch.float64)
+    output, weights = attn(x)
+    assert output.shape == (2, 12, 16) and weights is None
+
+    def split(t):
+        return t.view(2, 12, 4, 4).transpose(1, 2)
+
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    core = performer_attention(q, k, v, attn.projection, causal=True)
+    torch.testing.assert_close(output, attn.out_proj(core.transpose(1, 2).reshape(2, 12, 16)))
+    changed = x.clone()
+    changed[:, 6:] += 1.0  # a causal query never sees later tokens
+    torch.testing.assert_close(attn(changed).output[:, :6], output[:, :6])
+    assert not torch.allclose(attn(changed).output[:, 6:], output[:, 6:])
+    before = attn.projection.clone()
+    attn.redraw(torch.Generator().manual_seed(1))
+    assert attn.projection.dtype == torch.float64 and not torch.equal(attn.projection, before)
+
+
+def test_performer_module_approaches_exact_attention_with_many_features():
+    torch.manual_seed(0)
+    few, many = (PerformerSelfAttention(16, 2, n_features=m) for m in (8, 4096))
+    many.load_state_dict({**few.state_dict(), "projection": many.projection})
+    x = 0.5 * torch.randn(2, 32, 16)
+    exact = exact_attention(few, x)
+    error = lambda attn: (attn(x).output - exact).square().mean().sqrt()  # noqa: E731
+    assert error(many) < error(few) / 3
+
+
+def test_performer_errors():
+    with pytest.raises(ValueError, match="n_features must be at least 1, got 0"):
+        PerformerSelfAttention(16, 2, n_features=0)
+    with pytest.raises(ValueError, match="d_model=16 must be divisible by n_heads=3"):
+        PerformerSelfAttention(16, 3, n_features=8)
+    with pytest.raises(ValueError, match=r"n_features and dim must be at least 1"):
+        gaussian_projection(0, 4)
+    q = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match=r"projection must be \(n_features, d=8\), got \(3, 6\)"):
+        performer_attention(q, q, q, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="causal Performer attention needs as many queries"):
+        performer_attention(q, torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(3, 8), True)
+    with pytest.raises(ValueError, match="must share their last dimension"):
+        favor_features(q, torch.randn(3, 6))

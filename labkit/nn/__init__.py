@@ -1,13 +1,12 @@
 """The building blocks a learner studies, one idea per module.
 
 ``attention`` (the explicit scaled dot-product formula and ``MultiHeadAttention`` with
-grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend), ``efficient``
-(Linformer and Nyströmformer self-attention), ``positional`` (sinusoidal, learned, relative,
-rotary, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers), ``cache`` (the
-key/value caches of incremental decoding) and ``hooks`` (``HookPoint``, where activations can be
-read or replaced). Every name is re-exported here, e.g.
-``from labkit.nn import MultiHeadAttention, causal_mask``.
-"""
+grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend),
+``efficient`` (Linformer, Nyströmformer and Performer self-attention, FAVOR+ features),
+``positional`` (sinusoidal, learned, relative, rotary, ALiBi), ``layers`` (norms, feed-forward,
+encoder and decoder layers), ``cache`` (the key/value caches of incremental decoding) and
+``hooks`` (``HookPoint``, where activations can be read or replaced). Every name is re-exported
+here, e.g. ``from labkit.nn import MultiHeadAttention, causal_mask``."""
 
 from labkit.nn.attention import (
     AttentionOutput,
@@ -23,6 +22,10 @@ from labkit.nn.cache import (
 from labkit.nn.efficient import (
     LinformerSelfAttention,
     NystromSelfAttention,
+    PerformerSelfAttention,
+    favor_features,
+    gaussian_projection,
+    performer_attention,
 )
 from labkit.nn.hooks import HookPoint, hooked, run_hook
 from labkit.nn.layers import (
@@ -74,6 +77,7 @@ __all__ = [
     "LinformerSelfAttention",
     "MultiHeadAttention",
     "NystromSelfAttention",
+    "PerformerSelfAttention",
     "RMSNorm",
     "RelativePositionBias",
     "RotaryEmbedding",
@@ -82,10 +86,13 @@ __all__ = [
     "apply_rotary",
     "block_sparse_mask",
     "causal_mask",
+    "favor_features",
+    "gaussian_projection",
     "longformer_mask",
     "pad_sequences",
     "padding_mask",
     "padding_mask_from_ids",
+    "performer_attention",
     "relative_position_bucket",
     "rotate_half",
     "scaled_dot_product_attention",
