@@ -293,24 +293,52 @@ def test_plot_training_curves():
             "step": [1, 2, 3, 4],
             "train_loss": [2.0, 1.5, 1.0, 0.8],
             "eval_loss": [np.nan, 1.6, np.nan, 1.1],
-            "lr": [1e-3] * 4,
+            "lr": [1e-3, 2e-3, 2e-3, 1e-3],
         }
     )
     fig = viz.plot_training_curves(history)
-    ax = fig.axes[0]
+    ax, lr_ax = fig.axes  # the metrics, and the learning rate on a twin axis
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {"train_loss", "eval_loss"}
     assert list(lines["eval_loss"].get_xdata()) == [2, 4]  # NaNs skipped
-    assert "2 -> 0.8" in ax.get_title() and ax.get_xlabel() == "step"
-    fig2 = viz.plot_training_curves({"a": history, "b": history}, ["train_loss"])
-    assert {line.get_label() for line in fig2.axes[0].get_lines()} == {
-        "a: train_loss",
-        "b: train_loss",
-    }
-    pfig = viz.plot_training_curves({"loss": [3, 2, 1]}, interactive=True, div_id="curves")
-    assert list(pfig.data[0].y) == [3, 2, 1]
+    assert lines["eval_loss"].get_marker() == "o" and lines["train_loss"].get_marker() == "None"
+    assert ax.get_title() == "train_loss fell from 2 to 0.8 in 4 steps"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("optimizer step", "loss (nats)")
+    assert list(lr_ax.get_lines()[0].get_ydata()) == [1e-3, 2e-3, 2e-3, 1e-3]
+    assert lr_ax.get_ylabel() == "learning rate"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train_loss", "eval_loss", "lr"]
+    assert len(viz.plot_training_curves(history, lr=False).axes) == 1
+
+    rising = history.assign(train_loss=history["train_loss"][::-1].to_numpy())
+    fig2 = viz.plot_training_curves({"a": history, "b": rising}, ["train_loss"], x="epoch")
+    ax2 = fig2.axes[0]
+    assert [line.get_label() for line in ax2.get_lines()] == ["a: train_loss", "b: train_loss"]
+    assert [line.get_label() for line in fig2.axes[1].get_lines()] == ["a: lr", "b: lr"]
+    # with several runs each lr line takes the colour of its run's loss curve
+    assert [line.get_color() for line in fig2.axes[1].get_lines()] == [
+        line.get_color() for line in ax2.get_lines()
+    ]
+    # no "epoch" column: the row number stands in for it
+    assert ax2.get_title() == "a: train_loss fell from 2 to 0.8 by epoch 3"
+
+    pfig = viz.plot_training_curves(history, interactive=True, div_id="curves")
+    assert [(t.name, t.yaxis or "y") for t in pfig.data] == [
+        ("train_loss", "y"),
+        ("eval_loss", "y"),
+        ("lr", "y2"),
+    ]
+    assert list(pfig.data[1].y) == [1.6, 1.1] and pfig.layout.yaxis2.overlaying == "y"
+    assert pfig.layout.meta["labkit_div_id"] == "curves"
+    assert list(viz.plot_training_curves({"loss": [3, 2, 1]}, interactive=True).data[0].y) == [
+        3,
+        2,
+        1,
+    ]
     with pytest.raises(ValueError, match="not in history"):
         viz.plot_training_curves(history, ["accuracy"])
+    with pytest.raises(ValueError, match="history is empty"):
+        viz.plot_training_curves(history.iloc[:0])
+    plt.close("all")
 
 
 def test_confusion_matrix_figure():

@@ -1,11 +1,12 @@
 """Training: the loop and everything it is made of.
 
-``trainer`` (the ``Trainer`` and ``plot_history``), ``config`` (``TrainConfig``: settings,
-optimizer and learning-rate schedule), ``schedules`` (constant, cosine and Noam schedules),
-``losses`` (summed cross-entropy, accuracy, ``IGNORE_INDEX``), ``checkpoints`` (checkpoint
-files written atomically and checked when read, RNG state), ``interrupts`` (Ctrl-C and
-SIGTERM stop at a step boundary), ``memory`` (activation checkpointing and what it saves) and
-``distributed`` (data-parallel training under ``torchrun``). Every name is re-exported here,
+``trainer`` (the ``Trainer``; ``labkit.viz.plot_training_curves`` draws its history),
+``config`` (``TrainConfig``: settings, optimizer and learning-rate schedule), ``schedules``
+(constant, cosine and Noam schedules), ``losses`` (summed cross-entropy, accuracy,
+``IGNORE_INDEX``), ``checkpoints`` (checkpoint files written atomically and checked when read,
+RNG state), ``interrupts`` (Ctrl-C and SIGTERM stop at a step boundary), ``memory`` (activation
+checkpointing and what it saves) and ``distributed`` (data-parallel training under
+``torchrun``). Every name is re-exported here,
 e.g. ``from labkit.train import Trainer, TrainConfig``.
 """
 
@@ -54,7 +55,7 @@ from labkit.train.losses import (
 )
 from labkit.train.memory import enable_activation_checkpointing, saved_activation_bytes
 from labkit.train.schedules import constant_lr, cosine_lr, noam_lr
-from labkit.train.trainer import HISTORY_COLUMNS, Trainer, plot_history
+from labkit.train.trainer import HISTORY_COLUMNS, Trainer
 
 __all__ = [
     "CheckpointError",
@@ -89,7 +90,6 @@ __all__ = [
     "noam_lr",
     "output_logits",
     "param_groups",
-    "plot_history",
     "prune_checkpoints",
     "read_checkpoint",
     "restore_rng_state",

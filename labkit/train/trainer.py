@@ -37,7 +37,7 @@ naming it. One script serves the first start and every restart, also under
     blocks = to_lm_blocks(load_shakespeare(), tokenizer, block_size=128)  # labkit.data
     trainer = Trainer(model, config, blocks["train"], blocks["validation"])
     history = trainer.fit()                 # a pandas DataFrame, one row per step
-    plot_history(history)
+    plot_training_curves(history)         # labkit.viz: the losses, the lr on a twin axis
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
@@ -117,14 +117,10 @@ __all__ = [
     "make_scheduler",
     "output_logits",
     "param_groups",
-    "plot_history",
     "saved_activation_bytes",
     "schedule_lr",
     "split_batch",
 ]
-
-if TYPE_CHECKING:  # matplotlib is imported by plot_history only: `labkit train` starts faster
-    import matplotlib.pyplot as plt
 
 logger = logging.getLogger(__name__)
 
@@ -824,57 +820,3 @@ def _check_trainer_state(state: dict[str, Any], where: str) -> None:
             )
     if not all(isinstance(v, Tensor) for v in state["model"].values()):
         raise CheckpointError(f"{where} holds a damaged Trainer state (model weights)")
-
-
-def plot_history(
-    history: pd.DataFrame,
-    columns: Sequence[str] | None = None,
-    *,
-    lr: bool = True,
-    ax: plt.Axes | None = None,
-    title: str | None = None,
-) -> plt.Axes:
-    """Plot ``columns`` of a ``Trainer.history`` against the step, the lr on a second axis.
-
-    ``columns`` defaults to train_loss and, when present, eval_loss. Evaluation columns are
-    only filled on evaluation steps; their points are joined and marked. The default title
-    states the result, e.g. "train_loss fell from 2.4 to 0.31 in 500 steps".
-    """
-    if not isinstance(history, pd.DataFrame) or "step" not in history or history.empty:
-        raise ValueError(
-            "history must be a non-empty DataFrame with a 'step' column (Trainer.history)"
-        )
-    if columns is None:
-        columns = [c for c in ("train_loss", "eval_loss") if c in history]
-    missing = [c for c in columns if c not in history]
-    if not columns or missing:
-        raise ValueError(f"columns {list(columns)} not all in history; it has {list(history)}")
-    if ax is None:
-        import matplotlib.pyplot as plt
-
-        _, ax = plt.subplots(figsize=(7, 4))
-    for column in columns:
-        points = history[["step", column]].dropna()
-        sparse = len(points) < len(history)
-        ax.plot(points["step"], points[column], label=column, marker="o" if sparse else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss" if all("loss" in c for c in columns) else "value")
-    handles, labels = ax.get_legend_handles_labels()
-    if lr and "lr" in history:
-        lr_ax = ax.twinx()
-        lr_ax.plot(history["step"], history["lr"], color="gray", linestyle="--", label="lr")
-        lr_ax.set_ylabel("learning rate")
-        more_handles, more_labels = lr_ax.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, loc="best")
-    values = history[columns[0]].dropna()
-    if title is None and values.empty:
-        title = f"{columns[0]} over {int(history['step'].iloc[-1])} steps"
-    elif title is None:
-        trend = "fell" if values.iloc[-1] < values.iloc[0] else "rose"
-        title = (
-            f"{columns[0]} {trend} from {values.iloc[0]:.3g} to {values.iloc[-1]:.3g} "
-            f"in {int(history['step'].iloc[-1])} steps"
-        )
-    ax.set_title(title)
-    return ax

@@ -1,8 +1,9 @@
 """Pictures of training and evaluation: loss and metric curves, confusion matrices.
 
-``plot_training_curves(history)`` (a ``Trainer.history`` DataFrame, a dict of lists or a list
-of records) and ``confusion_matrix_figure(y_true, y_pred, labels)``; both draw with matplotlib
-by default and plotly with ``interactive=True``.
+``plot_training_curves(history)`` (the one training-curve plot: a ``Trainer.history``
+DataFrame, a dict of lists, a list of records or several runs by name, with the learning rate
+on a twin axis) and ``confusion_matrix_figure(y_true, y_pred, labels)``; both draw with
+matplotlib by default and plotly with ``interactive=True``.
 """
 
 from __future__ import annotations
@@ -43,20 +44,24 @@ def plot_training_curves(
     columns: Sequence[str] | None = None,
     *,
     x: str = "step",
+    lr: bool = True,
     title: str | None = None,
     ax: Any = None,
     logy: bool = False,
+    ylabel: str | None = None,
     interactive: bool = False,
     div_id: str | None = None,
-    ylabel: str | None = None,
 ):
-    """Plot metrics of a training history against ``x`` (default the step).
+    """Plot metrics of one or several training histories against ``x``, the lr on a twin axis.
 
-    history: ``Trainer.history`` (DataFrame), a dict of lists or a list of dicts. ``columns``
-    default to every column with "loss" in its name; NaNs (e.g. evaluation every n steps) are
-    skipped, sparse series are drawn with markers. With several histories to compare pass a
-    dict of frames as ``{"run name": history}``: each run's columns are prefixed by its name.
-    Returns a matplotlib ``Figure`` or, interactive, a plotly ``Figure``.
+    history: ``Trainer.history`` (DataFrame), a dict of lists or a list of dicts; to compare
+    runs, a dict ``{"run name": history}`` of DataFrames (each run's curves are labelled
+    ``"run name: column"``). ``columns`` default to every column with "loss" in its name.
+    Evaluation columns are only filled on evaluation steps: NaNs are skipped and such sparse
+    series are drawn with markers. With ``lr`` and an ``lr`` column, the learning rate is drawn
+    dashed against a second y axis on the right. The default title states the result, e.g.
+    "train_loss fell from 2.4 to 0.31 in 500 steps". Returns a matplotlib ``Figure`` (its first
+    axes hold the metrics) or, with ``interactive=True``, a plotly ``Figure``.
     """
     import pandas as pd
 
@@ -68,8 +73,9 @@ def plot_training_curves(
         frames = [(f"{name}: ", _history_frame(h)) for name, h in history.items()]
     else:
         frames = [("", _history_frame(history))]
-    series = []
+    series, lr_series = [], []
     for prefix, frame in frames:
+        first = len(series)  # this run's first curve: its lr line takes the same colour
         if x not in frame:
             frame = frame.reset_index(drop=True).rename_axis(x).reset_index()
         cols = list(columns) if columns is not None else [c for c in frame if "loss" in str(c)]
@@ -80,18 +86,15 @@ def plot_training_curves(
             raise ValueError(f"columns {missing} not in history; it has {list(frame)}")
         for c in cols:
             points = frame[[x, c]].dropna()
-            series.append(
-                (
-                    f"{prefix}{c}",
-                    points[x].to_numpy(),
-                    points[c].to_numpy(),
-                    len(points) < len(frame),
-                )
-            )
+            sparse = len(points) < len(frame)
+            series.append((f"{prefix}{c}", points[x].to_numpy(), points[c].to_numpy(), sparse))
+        if lr and "lr" in frame:
+            points = frame[[x, "lr"]].dropna()
+            lr_series.append((f"{prefix}lr", points[x].to_numpy(), points["lr"].to_numpy(), first))
     if title is None:
-        name, _, ys, _ = series[0]
-        title = f"{name}: {ys[0]:.3g} -> {ys[-1]:.3g}" if len(ys) else name
+        title = _trend_title(series[0], x)
     ylabel = ylabel or ("loss (nats)" if all("loss" in s[0] for s in series) else "value")
+    xlabel = "optimizer step" if x == "step" else x
     if interactive:
         import plotly.graph_objects as go
 
@@ -100,14 +103,21 @@ def plot_training_curves(
             fig.add_trace(
                 go.Scatter(x=xs, y=ys, name=name, mode="lines+markers" if sparse else "lines")
             )
+        for name, xs, ys, _ in lr_series:
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, yaxis="y2", line={"dash": "dash"}))
         fig.update_layout(
             title=title,
-            xaxis_title=x,
+            xaxis_title=xlabel,
             yaxis_title=ylabel,
             yaxis_type="log" if logy else None,
             width=720,
             height=420,
         )
+        if lr_series:
+            fig.update_layout(
+                yaxis2={"title": "learning rate", "overlaying": "y", "side": "right"},
+                legend={"x": 1.12},
+            )
         if div_id is not None:
             fig.update_layout(meta={"labkit_div_id": _check_div_id(div_id)})
         return fig
@@ -117,16 +127,37 @@ def plot_training_curves(
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     fig = ax.figure
-    for name, xs, ys, sparse in series:
-        ax.plot(xs, ys, marker="o" if sparse else None, markersize=3, label=name)
+    lines = [
+        ax.plot(xs, ys, marker="o" if sparse else None, markersize=3, label=name)[0]
+        for name, xs, ys, sparse in series
+    ]
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(x)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_series:
+        lr_ax = ax.twinx()
+        for name, xs, ys, first in lr_series:
+            color = "gray" if len(frames) == 1 else lines[first].get_color()
+            lr_ax.plot(xs, ys, color=color, linestyle="--", linewidth=1, label=name)
+        lr_ax.set_ylabel("learning rate")
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="best")
     return fig
+
+
+def _trend_title(series: tuple, x: str) -> str:
+    """ "train_loss fell from 2.4 to 0.31 in 500 steps" for the first curve drawn."""
+    name, xs, ys, _ = series
+    if not len(ys):
+        return f"{name}: no values"
+    trend = "fell" if ys[-1] < ys[0] else "rose"
+    span = f"in {xs[-1]:g} steps" if x == "step" else f"by {x} {xs[-1]:g}"
+    return f"{name} {trend} from {ys[0]:.3g} to {ys[-1]:.3g} {span}"
 
 
 def confusion_matrix_figure(
