@@ -401,9 +401,7 @@ def _prepare_inputs(
             ids = ids[None]
             if attention_mask is not None and attention_mask.dim() == 1:
                 attention_mask = attention_mask[None]
-    check_input_ids(ids, _vocab_sizes(model)[0])
-    if ids.shape[1] == 0:
-        raise ValueError(f"prompts must hold at least one token, got shape {tuple(ids.shape)}")
+    check_input_ids(ids, _vocab_sizes(model)[0], name="prompt ids")  # non-empty, in range
     if attention_mask is None:
         attention_mask = torch.ones_like(ids)
     elif attention_mask.shape != ids.shape:

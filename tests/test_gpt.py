@@ -315,7 +315,7 @@ def test_bad_inputs_raise_value_errors():
         model(torch.randint(0, 256, (2, 20)))
     cache = model.new_cache()
     model(ids, cache=cache)
-    with pytest.raises(ValueError, match="10 cached tokens gives 17 positions"):
+    with pytest.raises(ValueError, match=r"\(2, 7\) after 10 cached tokens needs 17 positions"):
         model(ids[:, :7], cache=cache)
     with pytest.raises(ValueError, match=r"integer tensor \(batch, seq\).*\(10,\)"):
         model(ids[0])

@@ -293,7 +293,7 @@ def test_input_errors():
         model(ids + 256)
     with pytest.raises(ValueError, match=r"attention_mask must be \(batch, past \+ seq\)"):
         model(ids, attention_mask=torch.ones(2, 4))
-    with pytest.raises(ValueError, match=r"positions must be \(5,\) or \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"positions must be integer \(5,\) or \(2, 5\)"):
         model(ids, positions=torch.arange(4))
     with pytest.raises(ValueError, match="max_len=16"):
         model(torch.randint(0, 256, (1, 17)))

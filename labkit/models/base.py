@@ -41,18 +41,115 @@ class CausalLMOutput(NamedTuple):
     hidden_states: list[Tensor] | None = None
 
 
-def check_input_ids(input_ids: Tensor, vocab_size: int) -> None:
-    """Raise ``ValueError`` unless ``input_ids`` is an int (B, T) tensor of ids < vocab_size."""
-    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
+def check_input_ids(
+    input_ids: Tensor,
+    vocab_size: int,
+    max_len: int | None = None,
+    *,
+    past: int = 0,
+    name: str = "input_ids",
+    vocab_name: str = "vocab_size",
+) -> None:
+    """The input checks of every labkit model, one message format for all of them.
+
+    Raise ``ValueError`` unless ``input_ids`` is a non-empty integer (B, T) tensor of ids in
+    [0, ``vocab_size``) whose ``past + T`` positions (``past`` tokens already cached) fit in
+    ``max_len``. Each message names the argument, its shape or values, and what to do;
+    ``name`` / ``vocab_name`` are how the caller calls them (e.g. ``src_ids``,
+    ``src_vocab_size``).
+    """
+    shape = tuple(input_ids.shape)
+    dtype = input_ids.dtype
+    if input_ids.dim() != 2 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
         raise ValueError(
-            f"input_ids must be an integer tensor (batch, seq), got shape "
-            f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}"
+            f"{name} must be an integer tensor (batch, seq), got shape {shape} and dtype "
+            f"{dtype}; give token ids from a tokenizer (ids[None] adds the batch dimension to "
+            "one sequence, .long() converts other dtypes)"
         )
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+    if input_ids.numel() == 0:
         raise ValueError(
-            f"input_ids must lie in [0, vocab_size={vocab_size}), got values in "
-            f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            f"{name} of shape {shape} is empty; give at least one sequence of at least one token"
         )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_name}={vocab_size}), got values in [{low}, {high}]; "
+            "encode the text with the tokenizer the model was built for"
+        )
+    if max_len is not None and past + shape[1] > max_len:
+        cached = f" after {past} cached tokens" if past else ""
+        raise ValueError(
+            f"{name} of shape {shape}{cached} needs {past + shape[1]} positions, more than "
+            f"max_len={max_len}; keep at most the last {max(max_len - past, 0)} tokens"
+            + (" or start a new cache" if past else "")
+        )
+
+
+def check_positions(positions: Tensor, batch: int, seq: int, max_len: int) -> None:
+    """Raise ``ValueError`` unless explicit ``positions`` are integer (T,) or (B, T) in
+    [0, max_len): the same check for every model that takes them."""
+    if positions.shape not in ((seq,), (batch, seq)) or positions.is_floating_point():
+        raise ValueError(
+            f"positions must be integer ({seq},) or ({batch}, {seq}) for input_ids of shape "
+            f"({batch}, {seq}), got shape {tuple(positions.shape)} and dtype {positions.dtype}"
+        )
+    if positions.numel() and (positions.min() < 0 or positions.max() >= max_len):
+        raise ValueError(
+            f"positions must lie in [0, max_len={max_len}), got values in "
+            f"[{int(positions.min())}, {int(positions.max())}]; count positions from 0"
+        )
+
+
+class CausalInputs(NamedTuple):
+    """What a decoder-only model's forward starts from (``causal_lm_inputs``)."""
+
+    past: int  # tokens already in the cache
+    mask: Tensor | None  # (B, 1, 1, past + T) bool, True = real key; None = no padding
+    positions: Tensor  # (T,) or (B, T) position of each new token
+
+
+def causal_lm_inputs(
+    config: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    positions: Tensor | None,
+    cache: Any,
+) -> CausalInputs:
+    """Check a decoder-only model's inputs and derive its key mask and positions.
+
+    config: has ``vocab_size``, ``max_len`` and ``n_layers``. ``attention_mask`` (B, past + T)
+    covers the cached and the new tokens; a mask without padding becomes None, so attention
+    takes its fast path. Positions default to counting the real tokens of ``attention_mask``
+    (left padding), else ``past, past + 1, ...``.
+    """
+    if cache is not None and len(cache.layers) != config.n_layers:
+        raise ValueError(
+            f"cache has {len(cache.layers)} layers, the model has n_layers={config.n_layers}: "
+            "create it with model.new_cache()"
+        )
+    past = 0 if cache is None else cache.seq_len
+    check_input_ids(input_ids, config.vocab_size, config.max_len, past=past)
+    batch, seq = input_ids.shape
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask must be (batch, past + seq) = ({batch}, {past + seq}) for "
+                f"input_ids {tuple(input_ids.shape)} and {past} cached tokens, got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        attention_mask = attention_mask.to(input_ids.device)
+        mask = key_padding_mask(attention_mask, past + seq)
+        if bool(mask.all()):
+            mask = None
+    if positions is None:
+        if attention_mask is not None:
+            positions = positions_from_mask(attention_mask, seq)  # (B, T)
+        else:
+            positions = default_positions(past, seq, input_ids.device)  # (T,)
+    else:
+        check_positions(positions, batch, seq, config.max_len)
+    return CausalInputs(past, mask, positions.to(input_ids.device))
 
 
 def key_padding_mask(attention_mask: Tensor, k_len: int) -> Tensor:
@@ -142,12 +239,12 @@ class HookedModel:
     points, the activation cache and hooks that read or patch activations (see
     ``labkit.interp.activations``).
 
-    A model lists its layer stacks in ``_hook_blocks()`` as ``(prefix, layer)`` pairs, e.g.
-    ``("blocks.0", layers[0])``; the rest is shared.
+    A model lists its layer stacks in ``_hook_blocks()`` as ``(prefix, layer)`` pairs; by
+    default ``("blocks.i", self.layers[i])`` (GPT, Llama, BERT), the rest is shared.
     """
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters, each counted once (tied weights too, as ``transformers``

@@ -225,12 +225,7 @@ class BertEncoder(nn.Module, PresetModel):
         self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None
     ) -> None:
         config = self.config
-        check_input_ids(input_ids, config.vocab_size)
-        if input_ids.shape[1] > config.max_len:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} is longer than max_len={config.max_len} "
-                "positions; truncate the input"
-            )
+        check_input_ids(input_ids, config.vocab_size, config.max_len)
         if token_type_ids is not None:
             if token_type_ids.shape != input_ids.shape:
                 raise ValueError(
@@ -293,9 +288,6 @@ class BertEncoder(nn.Module, PresetModel):
         x = stack.hidden
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, D) from the [CLS] position
         return BertOutput(x, pooled, stack.attentions, stack.hidden_states)
-
-    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     def sentence_embedding(
         self,

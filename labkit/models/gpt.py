@@ -37,11 +37,8 @@ from labkit.models.base import (
     CausalLMOutput,
     ModelConfig,
     PresetModel,
-    check_input_ids,
+    causal_lm_inputs,
     copy_weights,
-    default_positions,
-    key_padding_mask,
-    positions_from_mask,
     run_layers,
 )
 from labkit.nn.cache import ModelCache
@@ -266,44 +263,13 @@ class GPT(nn.Module, PresetModel):
             attentions: list of n_layers weight tensors, or None, hidden_states or None).
         """
         c = self.config
-        check_input_ids(input_ids, c.vocab_size)
-        batch, seq = input_ids.shape
-        if cache is not None and len(cache.layers) != c.n_layers:
-            raise ValueError(
-                f"cache has {len(cache.layers)} layers, the model has n_layers={c.n_layers}: "
-                "create it with model.new_cache()"
-            )
-        past = 0 if cache is None else cache.seq_len
-        if seq == 0 or past + seq > c.max_len:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} with {past} cached tokens gives "
-                f"{past + seq} positions; need 1 to max_len={c.max_len}"
-            )
-
-        mask = None  # (B, 1, 1, past + T) bool, True = real key
-        if attention_mask is not None:
-            if attention_mask.shape != (batch, past + seq):
-                raise ValueError(
-                    f"attention_mask must be (batch, past + seq) = ({batch}, {past + seq}) for "
-                    f"input_ids {tuple(input_ids.shape)} and {past} cached tokens, got "
-                    f"{tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask.to(input_ids.device)
-            mask = key_padding_mask(attention_mask, past + seq)
-            if bool(mask.all()):  # no padding: no mask, so attention takes its fast path
-                mask = None
-        if positions is None:
-            if attention_mask is not None:
-                positions = positions_from_mask(attention_mask, seq)  # (B, T)
-            else:
-                positions = default_positions(past, seq, input_ids.device)  # (T,)
-        else:
-            self._check_positions(positions, batch, seq)
+        # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
+        past, mask, positions = causal_lm_inputs(c, input_ids, attention_mask, positions, cache)
 
         # (T, D) or (B, T, D) positions broadcast over the (B, T, D) token embeddings. The
         # table is indexed directly: LearnedPositionalEmbedding.forward takes one offset for
         # the whole batch, but left-padded rows each start counting at their own column.
-        x = self.wte(input_ids) + self.wpe.embedding(positions.to(input_ids.device))
+        x = self.wte(input_ids) + self.wpe.embedding(positions)
         x = self.drop(x)  # (B, T, D)
         need_weights = need_weights or output_attentions
         caches = [None] * c.n_layers if cache is None else cache.layers
@@ -317,21 +283,6 @@ class GPT(nn.Module, PresetModel):
         hidden = self.norm(stack.hidden)  # (B, T, D)
         # attentions: (B, H, T, past + T) per layer
         return CausalLMOutput(self.lm_head(hidden), hidden, stack.attentions, stack.hidden_states)
-
-    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
-
-    def _check_positions(self, positions: Tensor, batch: int, seq: int) -> None:
-        if positions.shape not in ((seq,), (batch, seq)) or positions.is_floating_point():
-            raise ValueError(
-                f"positions must be integer ({seq},) or ({batch}, {seq}), got shape "
-                f"{tuple(positions.shape)} and dtype {positions.dtype}"
-            )
-        if positions.numel() and (positions.min() < 0 or positions.max() >= self.config.max_len):
-            raise ValueError(
-                f"positions must lie in [0, max_len={self.config.max_len}), got values in "
-                f"[{int(positions.min())}, {int(positions.max())}]"
-            )
 
     @classmethod
     def from_hf(cls, hf_model: GPT2LMHeadModel) -> GPT:

@@ -32,11 +32,8 @@ from labkit.models.base import (
     CausalLMOutput,
     ModelConfig,
     PresetModel,
-    check_input_ids,
+    causal_lm_inputs,
     copy_weights,
-    default_positions,
-    key_padding_mask,
-    positions_from_mask,
     run_layers,
 )
 from labkit.nn.cache import ModelCache
@@ -306,33 +303,9 @@ class Llama(nn.Module, PresetModel):
             hidden_states list or None).
         """
         c = self.config
-        check_input_ids(input_ids, c.vocab_size)
-        batch, seq = input_ids.shape
-        if cache is not None and len(cache.layers) != c.n_layers:
-            raise ValueError(
-                f"cache has {len(cache.layers)} layers, the model {c.n_layers}: "
-                "use model.new_cache()"
-            )
-        past = 0 if cache is None else cache.seq_len
-        if past + seq > c.max_len:
-            raise ValueError(f"past + T = {past} + {seq} exceeds the model's max_len={c.max_len}")
-        mask = None
-        if attention_mask is not None:
-            mask = key_padding_mask(attention_mask.to(input_ids.device), past + seq)
-            if bool(mask.all()):  # no padding: no mask, so attention takes its fast path
-                mask = None
-        if positions is None:
-            positions = (
-                positions_from_mask(attention_mask.to(input_ids.device), seq)
-                if attention_mask is not None
-                else default_positions(past, seq, input_ids.device)
-            )
-        if positions.shape not in ((seq,), (batch, seq)):
-            raise ValueError(
-                f"positions must be ({seq},) or ({batch}, {seq}) for input_ids of shape "
-                f"{tuple(input_ids.shape)}, got {tuple(positions.shape)}"
-            )
-        rotary = _Rotation(self.rotary, positions.to(input_ids.device))
+        # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
+        past, mask, positions = causal_lm_inputs(c, input_ids, attention_mask, positions, cache)
+        rotary = _Rotation(self.rotary, positions)  # cos/sin once for all layers
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         need_weights = need_weights or output_attentions
@@ -346,9 +319,6 @@ class Llama(nn.Module, PresetModel):
         )  # fmt: skip
         x = self.norm(stack.hidden)  # (B, T, D)
         return CausalLMOutput(self.lm_head(x), x, stack.attentions, stack.hidden_states)
-
-    def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
-        return [(f"blocks.{i}", layer) for i, layer in enumerate(self.layers)]
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> Llama:

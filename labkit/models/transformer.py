@@ -229,12 +229,6 @@ class Transformer(nn.Module, PresetModel):
         x = x + self.positional.pe[positions].to(x.dtype)  # PE (T, D) or (B, T, D)
         return self.dropout(x)
 
-    def _check_length(self, name: str, length: int) -> None:
-        if length > self.config.max_len:
-            raise ValueError(
-                f"{name} length {length} exceeds max_len={self.config.max_len} positions"
-            )
-
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """Source ids (B, S) -> memory (B, S, D); ``src_mask`` (B, S) is 1 = real / 0 = pad.
 
@@ -254,9 +248,11 @@ class Transformer(nn.Module, PresetModel):
         """``EncoderOutput(memory, attentions, hidden_states)`` of source ids (B, S): the
         memory ``encode`` returns, plus each encoder layer's self-attention weights
         (``need_weights``) and hidden states (``output_hidden_states``)."""
-        check_input_ids(src_ids, self.config.src_vocab_size)
+        c = self.config
+        check_input_ids(
+            src_ids, c.src_vocab_size, c.max_len, name="src_ids", vocab_name="src_vocab_size"
+        )
         batch, src_len = src_ids.shape
-        self._check_length("source", src_len)
         if src_mask is None:
             positions, attn_mask = default_positions(0, src_len, src_ids.device), None
         else:
@@ -302,23 +298,29 @@ class Transformer(nn.Module, PresetModel):
             Seq2SeqOutput(logits (B, T, V), self_attentions, cross_attentions,
             decoder_hidden_states).
         """
-        check_input_ids(tgt_ids, self.config.tgt_vocab_size)
-        batch, tgt_len = tgt_ids.shape
-        if memory.dim() != 3 or memory.shape[0] != batch or memory.shape[2] != self.config.d_model:
-            raise ValueError(
-                f"memory must be (batch={batch}, src_len, d_model={self.config.d_model}), got "
-                f"{tuple(memory.shape)}"
-            )
+        c = self.config
         if cache is not None and (
-            not isinstance(cache, EncoderDecoderCache)
-            or len(cache.layers) != self.config.n_decoder_layers
+            not isinstance(cache, EncoderDecoderCache) or len(cache.layers) != c.n_decoder_layers
         ):
             raise ValueError(
-                f"cache must be an EncoderDecoderCache with {self.config.n_decoder_layers} "
-                f"layers (use model.new_cache()), got {cache!r:.80}"
+                f"cache must be an EncoderDecoderCache with {c.n_decoder_layers} layers (use "
+                f"model.new_cache()), got {cache!r:.80}"
             )
         past = 0 if cache is None else cache.seq_len
-        self._check_length("target (cached + new)", past + tgt_len)
+        check_input_ids(
+            tgt_ids,
+            c.tgt_vocab_size,
+            c.max_len,
+            past=past,
+            name="tgt_ids",
+            vocab_name="tgt_vocab_size",
+        )
+        batch, tgt_len = tgt_ids.shape
+        if memory.dim() != 3 or memory.shape[0] != batch or memory.shape[2] != c.d_model:
+            raise ValueError(
+                f"memory must be (batch={batch}, src_len, d_model={c.d_model}), got "
+                f"{tuple(memory.shape)}"
+            )
 
         memory_mask = None
         if src_mask is not None:
