@@ -336,11 +336,11 @@ def test_bad_inputs_raise(device):
     model = _tiny(device)
     src, tgt = _random_ids(2, 5, 64, device), _random_ids(2, 3, 64, device)
     memory = model.encode(src)
-    with pytest.raises(ValueError, match=r"src_ids of shape \(1, 129\) needs 129 positions, more than max_len=128"):
+    with pytest.raises(ValueError, match=r"src_ids of shape \(1, 129\) needs 129 positions"):
         model.encode(_random_ids(1, 129, 64, device))
     cache = model.new_cache()
     model.decode(_random_ids(2, 127, 64, device), memory, cache=cache)
-    with pytest.raises(ValueError, match=r"tgt_ids of shape \(2, 2\) after 127 cached tokens needs 129 positions"):
+    with pytest.raises(ValueError, match=r"\(2, 2\) after 127 cached tokens needs 129 positions"):
         model.decode(tgt[:, :2], memory, cache=cache)
     with pytest.raises(ValueError, match=r"tgt_ids must lie in \[0, tgt_vocab_size=64\)"):
         model(src, tgt + 64)
