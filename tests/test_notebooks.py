@@ -11,7 +11,8 @@ session (run without ``-n``: under pytest-xdist the table lives in the workers, 
 
 The conventions checked on the stored (stripped) notebook: a ``parameters`` cell followed by a
 cell that calls ``smoke_banner(SMOKE, ...)``, a first cell that introduces the notebook, 2-4
-exercises tagged as README's "Exercises" section describes, and no stored outputs. On the
+exercises tagged as README's "Exercises" section describes, no stored outputs, and code
+lines that fit the book's column (88 characters). On the
 executed smoke copy: the banner "smoke mode: numbers below come from a tiny run" is printed
 right after the parameters, so a page built in smoke mode never passes for a full run.
 """
@@ -19,6 +20,7 @@ right after the parameters, so a page built in smoke mode never passes for a ful
 import ast
 import re
 import time
+import unicodedata
 from pathlib import Path
 
 import nbformat
@@ -262,6 +264,30 @@ def test_no_stored_outputs(path: Path):
         assert cell.get("execution_count") is None, (
             f"{path.name}: cell {index} has an execution count (strip with nbstripout)"
         )
+
+
+BOOK_COLUMN = 88  # characters of code the book's page shows without horizontal scrolling
+
+
+def _width(line: str) -> int:
+    """Columns a line takes, wide characters (emoji, CJK) counted twice, as ruff counts them."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
+
+
+@params
+def test_code_fits_the_book_column(path: Path):
+    too_wide = [
+        (index, line)
+        for index, cell in enumerate(_read(path).cells)
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if _width(line) > BOOK_COLUMN
+    ]
+    assert not too_wide, (
+        f"{path.name}: code lines wider than {BOOK_COLUMN} columns scroll sideways in the book "
+        f"(ruff format --line-length {BOOK_COLUMN}, then wrap comments and strings): "
+        + "; ".join(f"cell {i}: {line[:60]!r}..." for i, line in too_wide[:5])
+    )
 
 
 @params
