@@ -74,8 +74,8 @@ from labkit.train.checkpoints import (
     list_checkpoints,
     read_checkpoint,
 )
-from labkit.train.config import PRECISIONS
-from labkit.train.trainer import TrainConfig, Trainer
+from labkit.train.config import PRECISIONS, TrainConfig
+from labkit.train.trainer import Trainer
 
 VAL_FRACTION = 0.1  # nanoGPT's data/shakespeare_char/prepare.py: the last 10% of the text
 RUN_FORMAT = "labkit.char-gpt"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from labkit import __version__
 
@@ -249,40 +251,34 @@ def recipe_parser(name: str = "char-gpt") -> argparse.ArgumentParser:
         "(flags given here must not change the result)",
     )
     add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    def setting(group: Callable[..., Any], name: str, text: str, **more: Any) -> None:
+        """``--name`` for the settings field ``name``, with the field's type and default."""
+        default = getattr(d, name)
+        flag = "--" + name.replace("_", "-")
+        group(flag, type=type(default), default=default, help=text + dflt, **more)
+
     if bpe:
-        tokens = parser.add_argument_group("tokenizer").add_argument
-        tokens("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary" + dflt)
+        setting(parser.add_argument_group("tokenizer").add_argument, "vocab_size", "BPE vocabulary")
     model = parser.add_argument_group("model").add_argument
-    model("--n-layer", type=int, default=d.n_layer, help="transformer blocks" + dflt)
-    model("--n-head", type=int, default=d.n_head, help="attention heads" + dflt)
-    model("--n-embd", type=int, default=d.n_embd, help="model width" + dflt)
-    unit = "tokens" if bpe else "characters"
-    model("--block-size", type=int, default=d.block_size, help=f"context, {unit}" + dflt)
-    model("--dropout", type=float, default=d.dropout, help="dropout rate" + dflt)
+    setting(model, "n_layer", "transformer blocks")
+    setting(model, "n_head", "attention heads")
+    setting(model, "n_embd", "model width")
+    setting(model, "block_size", "context, tokens" if bpe else "context, characters")
+    setting(model, "dropout", "dropout rate")
     opt = parser.add_argument_group("optimisation").add_argument
-    opt("--batch-size", type=int, default=d.batch_size, help="windows per step" + dflt)
-    opt("--max-iters", type=int, default=d.max_iters, help="optimizer steps" + dflt)
-    opt("--lr", type=float, default=d.lr, help="peak learning rate" + dflt)
-    opt("--min-lr", type=float, default=d.min_lr, help="end of the cosine decay" + dflt)
-    opt(
-        "--warmup-iters",
-        type=int,
-        default=d.warmup_iters,
-        help="warm-up steps, <= max-iters" + dflt,
-    )
-    opt("--weight-decay", type=float, default=d.weight_decay, help="AdamW's decay" + dflt)
-    opt("--beta2", type=float, default=d.beta2, help="AdamW's second beta" + dflt)
-    opt("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm" + dflt)
+    setting(opt, "batch_size", "windows per step")
+    setting(opt, "max_iters", "optimizer steps")
+    setting(opt, "lr", "peak learning rate")
+    setting(opt, "min_lr", "end of the cosine decay")
+    setting(opt, "warmup_iters", "warm-up steps, <= max-iters")
+    setting(opt, "weight_decay", "AdamW's decay")
+    setting(opt, "beta2", "AdamW's second beta")
+    setting(opt, "grad_clip", "max gradient norm")
     run = parser.add_argument_group("evaluation and run").add_argument
-    run(
-        "--eval-interval",
-        type=int,
-        default=d.eval_interval,
-        help="steps between evaluations" + dflt,
-    )
-    run("--eval-iters", type=int, default=d.eval_iters, help="batches per estimate" + dflt)
-    run("--seed", type=int, default=d.seed, help="init, data order, eval windows" + dflt)
-    run("--device", default=d.device, help="auto, cpu, cuda or mps" + dflt)
+    setting(run, "eval_interval", "steps between evaluations")
+    setting(run, "eval_iters", "batches per estimate")
+    setting(run, "seed", "init, data order, eval windows")
+    setting(run, "device", "auto, cpu, cuda or mps")
     run("--dtype", choices=PRECISIONS, help="(default: fp32 on the CPU, else auto)")
     run("--compile", action="store_true", help="train through torch.compile")
     run("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -293,8 +289,8 @@ def recipe_parser(name: str = "char-gpt") -> argparse.ArgumentParser:
         metavar="N",
         help="steps between checkpoints (default: every evaluation)",
     )
-    save("--keep", type=int, default=d.keep, metavar="K", help="newest checkpoints kept, "
-         "besides the best by validation loss" + dflt)  # fmt: skip
+    setting(save, "keep", "newest checkpoints kept, besides the best by validation loss",
+            metavar="K")  # fmt: skip
     save(
         "--on-checkpoint-error",
         choices=("stop", "continue"),

@@ -7,7 +7,8 @@
 
 Every model has a config dataclass with presets (``XConfig.preset("tiny")`` for tests and
 smoke runs, plus the published sizes), ``from_config``, ``from_preset`` and
-``num_parameters``. ``base.py`` holds what they share (named outputs, config checks, and
+``num_parameters``. ``base.py`` holds what they share (named outputs, config checks, the one
+input check (``check_input_ids``: dtype, empty input, ids out of range, too long), and
 ``HookedModel``: every model names its hook points, ``model.hook_points()``, and offers
 ``model.run_with_cache(...)`` and ``model.hooks(...)``; see ``labkit.interp.activations``).
 The KV caches of generation (``model.new_cache()``) are in ``labkit.nn.cache``.

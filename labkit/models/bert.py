@@ -407,8 +407,15 @@ class SpanOutput(NamedTuple):
     hidden_states: list[Tensor] | None = None
 
 
-class _EncoderHooks(HookedModel):
-    """A task head's hook points are its encoder's (``blocks.{i}...``)."""
+class _BertHead(HookedModel):
+    """What every task head shares: its encoder ``bert``'s config and hook points
+    (``blocks.{i}...``)."""
+
+    bert: BertEncoder
+
+    @property
+    def config(self) -> BertConfig:
+        return self.bert.config
 
     def _hook_blocks(self) -> list[tuple[str, nn.Module]]:
         return self.bert._hook_blocks()
@@ -433,7 +440,7 @@ def _check_labels(name: str, labels: Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(labels.shape)}")
 
 
-class BertForSequenceClassification(nn.Module, _EncoderHooks):
+class BertForSequenceClassification(nn.Module, _BertHead):
     """``classifier(dropout(pooled))`` -> (B, C): sentence (or sentence-pair) classification.
 
     Loss: cross-entropy against integer labels (B,); with ``num_labels=1`` it is a regression
@@ -458,10 +465,6 @@ class BertForSequenceClassification(nn.Module, _EncoderHooks):
         self.dropout = nn.Dropout(config.dropout if dropout is None else dropout)
         self.classifier = nn.Linear(config.d_model, num_labels)
         _init_bert_weights(self.classifier)
-
-    @property
-    def config(self) -> BertConfig:
-        return self.bert.config
 
     @classmethod
     def from_encoder(
@@ -508,7 +511,7 @@ class BertForSequenceClassification(nn.Module, _EncoderHooks):
         return HeadOutput(logits, loss, out.hidden, out.attentions, out.hidden_states)
 
 
-class BertForMaskedLM(nn.Module, _EncoderHooks):
+class BertForMaskedLM(nn.Module, _BertHead):
     """Predict the tokens hidden behind [MASK]: (B, T) -> (B, T, V).
 
     ``logits = norm(gelu(dense(hidden))) @ word_embeddings.T + bias``: the output matrix is the
@@ -523,10 +526,6 @@ class BertForMaskedLM(nn.Module, _EncoderHooks):
         self.norm = LayerNorm(config.d_model, eps=config.eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         _init_bert_weights(self.dense)
-
-    @property
-    def config(self) -> BertConfig:
-        return self.bert.config
 
     @classmethod
     def from_encoder(cls, encoder: BertEncoder) -> BertForMaskedLM:
@@ -586,7 +585,7 @@ class BertForMaskedLM(nn.Module, _EncoderHooks):
         return HeadOutput(logits, loss, out.hidden, out.attentions, out.hidden_states)
 
 
-class BertForQuestionAnswering(nn.Module, _EncoderHooks):
+class BertForQuestionAnswering(nn.Module, _BertHead):
     """Extractive QA: ``qa_outputs(hidden)`` (B, T, 2) -> start and end scores (B, T) each.
 
     The input is ``[CLS] question [SEP] context [SEP]``; the answer is the context span whose
@@ -599,10 +598,6 @@ class BertForQuestionAnswering(nn.Module, _EncoderHooks):
         self.bert = _head_encoder(config, encoder)
         self.qa_outputs = nn.Linear(config.d_model, 2)
         _init_bert_weights(self.qa_outputs)
-
-    @property
-    def config(self) -> BertConfig:
-        return self.bert.config
 
     @classmethod
     def from_encoder(cls, encoder: BertEncoder) -> BertForQuestionAnswering:

@@ -67,8 +67,6 @@ from labkit.train.checkpoints import (
     CheckpointWriteError,
     capture_rng_state,
     checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     restore_rng_state,
@@ -78,8 +76,6 @@ from labkit.train.config import (
     TrainConfig,
     make_optimizer,
     make_scheduler,
-    param_groups,
-    schedule_lr,
 )
 from labkit.train.distributed import (
     all_reduce_mean,
@@ -96,31 +92,9 @@ from labkit.train.losses import (
     output_logits,
     split_batch,
 )
-from labkit.train.memory import enable_activation_checkpointing, saved_activation_bytes
+from labkit.train.memory import enable_activation_checkpointing
 
-# The training API in one import; each piece lives in the module named above.
-__all__ = [
-    "IGNORE_INDEX",
-    "HISTORY_COLUMNS",
-    "CheckpointError",
-    "CheckpointWriteError",
-    "TrainConfig",
-    "Trainer",
-    "TrainingInterrupted",
-    "accuracy",
-    "checkpoint_path",
-    "cross_entropy_sum",
-    "enable_activation_checkpointing",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "make_optimizer",
-    "make_scheduler",
-    "output_logits",
-    "param_groups",
-    "saved_activation_bytes",
-    "schedule_lr",
-    "split_batch",
-]
+__all__ = ["HISTORY_COLUMNS", "Trainer"]  # the rest of the API: ``labkit.train``
 
 logger = logging.getLogger(__name__)
 
