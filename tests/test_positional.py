@@ -452,3 +452,62 @@ def test_rotary_errors():
         apply_rotary(torch.zeros(2, 4, 5, 7), cos, sin)
     with pytest.raises(ValueError, match=r"cos/sin of shape \(5, 8\).*expected \(6, 8\)"):
         apply_rotary(torch.zeros(2, 4, 6, 8), cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE scaling for longer contexts
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf_inv_freq(rope_type: str, head_dim: int, theta: float, factor: float, seq_len=None):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": rope_type, "rope_theta": theta, "factor": factor},
+    )
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
+    return inv_freq
+
+
+def test_linear_scaling_equals_hf_linear_rope():
+    ours = RotaryEmbedding(16, rope_theta=100000.0, scaling="linear", factor=4.0).inv_freq()
+    theirs = _hf_inv_freq("linear", 16, 100000.0, 4.0)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_ntk_scaling_equals_hf_dynamic_base_at_the_same_stretch():
+    # HF's dynamic base is theta * (factor * T / max_pos - (factor - 1))^(d / (d - 2)):
+    # with factor 2 at T = 1.5 * max_pos = 96 the bracket is exactly 2, our static factor.
+    ours = RotaryEmbedding(16, rope_theta=10000.0, scaling="ntk", factor=2.0).inv_freq()
+    theirs = _hf_inv_freq("dynamic", 16, 10000.0, 2.0, seq_len=96)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_linear_scaling_turns_position_factor_p_like_p():
+    q = torch.randn(1, 2, 5, 8)
+    positions = torch.arange(5)
+    plain = RotaryEmbedding(8)(q, q, positions)
+    stretched = RotaryEmbedding(8, scaling="linear", factor=3.0)(q, q, 3 * positions)
+    torch.testing.assert_close(stretched, plain, atol=1e-5, rtol=0)
+
+
+def test_ntk_scaling_keeps_the_fastest_pair_and_slows_the_slowest_by_factor():
+    plain = RotaryEmbedding(32, rope_theta=10000.0).inv_freq()
+    ntk = RotaryEmbedding(32, rope_theta=10000.0, scaling="ntk", factor=8.0).inv_freq()
+    assert ntk[0] == plain[0]  # pair 0 turns one radian per position either way
+    torch.testing.assert_close(ntk[-1], plain[-1] / 8.0, rtol=1e-5, atol=0)
+    assert (ntk[1:] < plain[1:]).all()
+
+
+def test_rope_scaling_errors():
+    with pytest.raises(ValueError, match="scaling must be one of .*'yarn'"):
+        RotaryEmbedding(8, scaling="yarn", factor=2.0)
+    with pytest.raises(ValueError, match="factor must be >= 1.*factor=0.5"):
+        RotaryEmbedding(8, scaling="linear", factor=0.5)
+    with pytest.raises(ValueError, match="1 without scaling.*factor=2.0, scaling='none'"):
+        RotaryEmbedding(8, factor=2.0)
+    assert "scaling='ntk', factor=2.0" in repr(RotaryEmbedding(8, scaling="ntk", factor=2.0))

@@ -1,12 +1,14 @@
 """The building blocks a learner studies, one idea per module.
 
 ``attention`` (the explicit scaled dot-product formula and ``MultiHeadAttention`` with
-grouped-query heads), ``masks`` (padding, causal and sparse masks; True = may attend),
-``efficient`` (Linformer, Nyströmformer and Performer self-attention, FAVOR+ features),
-``positional`` (sinusoidal, learned, relative, rotary, ALiBi), ``layers`` (norms, feed-forward,
-encoder and decoder layers), ``cache`` (the key/value caches of incremental decoding) and
-``hooks`` (``HookPoint``, where activations can be read or replaced). Every name is re-exported
-here, e.g. ``from labkit.nn import MultiHeadAttention, causal_mask``."""
+grouped-query heads), ``masks`` (padding, causal and
+sparse masks; True = may attend), ``efficient`` (Linformer, Nyströmformer and Performer
+self-attention, FAVOR+ features), ``positional`` (sinusoidal, learned, relative, rotary with
+context scaling, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers), ``cache``
+(the key/value caches of incremental decoding) and ``hooks`` (``HookPoint``, where activations
+can be read or replaced). Every name is re-exported here, e.g.
+``from labkit.nn import MultiHeadAttention, causal_mask``.
+"""
 
 from labkit.nn.attention import (
     AttentionOutput,

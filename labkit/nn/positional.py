@@ -7,7 +7,8 @@ Five ways to put it in, from the original Transformer to today's decoder LLMs:
 - relative position bias (T5, Raffel et al. 2020): a learned per-head score for each
   log-spaced bucket of key-minus-query distance, added to the attention scores.
 - rotary, RoPE (Su et al. 2021; Llama, SmolLM2): queries and keys rotated by position-dependent
-  angles, so that their dot product depends only on the distance between them.
+  angles, so that their dot product depends only on the distance between them; optionally
+  stretched to longer contexts (position interpolation or NTK-aware scaling).
 - ALiBi (Press et al. 2022; BLOOM): a fixed per-head penalty proportional to distance, added to
   the attention scores.
 
@@ -200,9 +201,9 @@ def relative_position_bucket(
     # Log-spaced buckets for max_exact <= distance < max_distance, clipped to the last bucket.
     # The clamp only keeps log() away from 0 for the short distances torch.where drops anyway.
     scaled = torch.log(distance.clamp(min=max_exact).float() / max_exact)
-    log_bucket = max_exact + (
-        scaled / math.log(max_distance / max_exact) * (half - max_exact)
-    ).long()
+    log_bucket = (
+        max_exact + (scaled / math.log(max_distance / max_exact) * (half - max_exact)).long()
+    )
     log_bucket = log_bucket.clamp(max=half - 1)
 
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
@@ -354,6 +355,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+ROPE_SCALINGS = ("none", "linear", "ntk")
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, RoPE (Su et al. 2021), in Hugging Face Llama's layout.
 
@@ -362,25 +366,57 @@ class RotaryEmbedding(nn.Module):
     m - n. ``rope_theta`` is the value of that name in Hugging Face configs (10000 for the
     original, 500000 for Llama 3).
 
+    ``scaling`` stretches a trained model to ``factor`` times its context without training:
+
+    - ``"linear"``, position interpolation (Chen et al. 2023): every angle divided by
+      ``factor``, so position ``factor * p`` turns exactly as ``p`` did (Hugging Face's
+      ``rope_type="linear"``).
+    - ``"ntk"``, NTK-aware scaling (bloc97 2023): ``rope_theta * factor^(head_dim/(head_dim-2))``,
+      which leaves the fastest pair as it was and slows the slowest pair by exactly ``factor``
+      (Hugging Face's ``"dynamic"`` type uses this base, recomputed from the sequence length).
+
     cos and sin are computed from the positions at each call (no cache, hence no ``max_len``),
     in float32 with the same arithmetic as ``LlamaRotaryEmbedding``. The module has no
     parameters or buffers, so casting a model to bfloat16 cannot degrade the frequencies.
     """
 
-    def __init__(self, head_dim: int, rope_theta: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float = 10000.0,
+        scaling: str = "none",
+        factor: float = 1.0,
+    ) -> None:
         super().__init__()
         if head_dim < 2 or head_dim % 2 != 0:
             raise ValueError(
                 f"head_dim must be even and positive, got head_dim={head_dim}: RoPE rotates "
                 "dimensions in pairs"
             )
+        if scaling not in ROPE_SCALINGS:
+            raise ValueError(f"scaling must be one of {ROPE_SCALINGS}, got {scaling!r}")
+        if factor < 1.0 or (scaling == "none" and factor != 1.0):
+            raise ValueError(
+                f"factor must be >= 1 (how many times longer the context becomes), and 1 "
+                f"without scaling; got factor={factor}, scaling={scaling!r}"
+            )
+        if scaling == "ntk" and head_dim < 4:
+            raise ValueError(f"NTK-aware scaling needs head_dim >= 4, got head_dim={head_dim}")
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.scaling = scaling
+        self.factor = factor
 
     def inv_freq(self, device: torch.device | str | None = None) -> Tensor:
         """Angular speed of each pair in radians per position, shape ``(head_dim/2,)``."""
+        theta = self.rope_theta
+        if self.scaling == "ntk":  # a larger base: slow pairs slow down, fast ones barely
+            theta = theta * self.factor ** (self.head_dim / (self.head_dim - 2))
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        return 1.0 / (self.rope_theta ** (exponents / self.head_dim))
+        inv_freq = 1.0 / (theta ** (exponents / self.head_dim))
+        if self.scaling == "linear":  # position interpolation: every angle / factor
+            inv_freq = inv_freq / self.factor
+        return inv_freq
 
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of every angle, each ``positions.shape + (head_dim,)``, float32.
@@ -427,4 +463,7 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}"
+        scaled = (
+            "" if self.scaling == "none" else f", scaling={self.scaling!r}, factor={self.factor}"
+        )
+        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}{scaled}"
