@@ -196,6 +196,36 @@ def test_first_cell_introduces_the_notebook(path: Path):
     )
 
 
+def _readme_times() -> dict[str, tuple[str, str]]:
+    """notebook stem -> (idle, under load) cells of the README's full-mode time table."""
+    rows = re.findall(
+        r"^\| `([\w]+)` \| ([^|]*) \| ([^|]*) \|$", (ROOT / "README.md").read_text(), re.M
+    )
+    return {name: (idle.strip(), load.strip()) for name, idle, load in rows}
+
+
+@params
+def test_header_run_time_matches_the_readme(path: Path):
+    """The run times a notebook's first cell quotes are the README table's, so the two never
+    disagree: the idle full-mode time rounded to seconds, and each under-load wall time and
+    CPU-seconds."""
+    times = _readme_times()
+    assert path.stem in times, f"README.md: no row for {path.stem} in the full-mode time table"
+    idle, loaded = times[path.stem]
+    header = " ".join(_read(path).cells[0].source.split())  # line breaks as spaces
+
+    def quoted(number: str, unit: str) -> bool:
+        return re.search(rf"(?<![\d.-]){re.escape(number)} {unit}\b", header) is not None
+
+    if idle != "-":
+        seconds = str(round(float(idle.split()[0])))
+        assert quoted(seconds, "s"), f"{path.name}: header lacks the README's '{seconds} s'"
+    for wall, cpu in re.findall(r"([\d.-]+) / ([\d.]+)", loaded):
+        assert quoted(wall, "s") and quoted(cpu, "CPU-seconds"), (
+            f"{path.name}: header lacks the README's under-load '{wall} s' / '{cpu} CPU-seconds'"
+        )
+
+
 @params
 def test_exercises_have_starter_solution_and_check(path: Path):
     cells = _read(path).cells
