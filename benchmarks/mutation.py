@@ -68,7 +68,10 @@ TARGETS: dict[str, Target] = {
     "losses": Target(
         "labkit/train/losses.py",
         ("tests/test_train.py",),
-        pytest_args=("-k", "loss or smoothing or accuracy or batch or metrics or outputs"),
+        pytest_args=(
+            "-k",
+            "loss or cross_entropy or smoothing or accuracy or batch or metrics or outputs",
+        ),
     ),
     "gpt": Target("labkit/models/gpt.py", ("tests/test_gpt.py",)),
     "llama": Target("labkit/models/llama.py", ("tests/test_llama.py",)),
@@ -162,7 +165,10 @@ def run(name: str, show_survivors: bool, max_children: int) -> Counter:
             if verdict not in KILLED:
                 diff = subprocess.run(
                     [sys.executable, "-m", "mutmut", "show", key],
-                    cwd=scratch, env=env, capture_output=True, text=True,
+                    cwd=scratch,
+                    env=env,
+                    capture_output=True,
+                    text=True,
                 ).stdout
                 print(f"--- {key}: {verdict}\n{diff}")
     (scratch / "verdicts.json").write_text(json.dumps(verdicts, indent=1, sort_keys=True))

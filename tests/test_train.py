@@ -36,9 +36,11 @@ from labkit.train import (
     make_optimizer,
     make_scheduler,
     noam_lr,
+    output_logits,
     param_groups,
     saved_activation_bytes,
     schedule_lr,
+    split_batch,
 )
 from labkit.viz import plot_training_curves
 
@@ -558,6 +560,65 @@ def test_cross_entropy_sum_over_count_is_torchs_smoothed_mean():
     torch.testing.assert_close(total / 5, F.cross_entropy(classes, labels, label_smoothing=0.2))
     with pytest.raises(ValueError, match=r"logits \(4, 6, 12\) do not fit targets \(4, 5\)"):
         cross_entropy_sum(logits, targets[:, :5])
+
+
+def test_cross_entropy_sum_upcasts_low_precision_logits_and_checks_shapes():
+    logits = 4 * torch.randn(3, T, V)
+    targets = torch.randint(0, V, (3, T))
+    total, count = cross_entropy_sum(logits.bfloat16(), targets)  # default: no smoothing
+    # Summed in float32 from the bf16 values: a bf16 log-softmax or a smoothed loss differs.
+    expected = F.cross_entropy(
+        logits.bfloat16().float().reshape(-1, V), targets.reshape(-1), reduction="sum"
+    )
+    assert total.dtype == torch.float32 and count.item() == 3 * T
+    torch.testing.assert_close(total, expected)
+    # (V,) logits with a 0-dim target: shape[:-1] fits, but a batch dimension is missing.
+    message = (
+        r"^logits \(5,\) do not fit targets \(\): expected logits \(B, T, V\) with targets "
+        r"\(B, T\), or \(B, C\) with \(B,\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        cross_entropy_sum(torch.randn(5), torch.tensor(1))
+
+
+def test_accuracy_counts_only_the_targets_that_count():
+    logits = torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # argmax 1, 0, 2
+    assert accuracy(logits, torch.tensor([[1, 1, 2]])) == pytest.approx(2 / 3)
+    assert accuracy(logits, torch.tensor([[1, IGNORE_INDEX, IGNORE_INDEX]])) == 1.0
+    assert accuracy(logits, torch.tensor([[0, IGNORE_INDEX, 2]])) == 0.5
+    assert accuracy(logits, torch.full((1, 3), IGNORE_INDEX)) == 0.0
+
+
+def test_split_batch_and_output_logits_read_each_format_or_say_what_is_missing():
+    ids, labels = torch.zeros(2, T, dtype=torch.long), torch.ones(2, T, dtype=torch.long)
+    for batch in ((ids, labels), [ids, labels], {"input_ids": ids, "labels": labels, "x": 0}):
+        got_ids, got_labels = split_batch(batch)
+        assert got_ids is ids and got_labels is labels
+    for keys in ({"input_ids": ids}, {"labels": labels}):
+        with pytest.raises(ValueError) as error:
+            split_batch(keys)
+        assert str(error.value) == (
+            f"a dict batch needs 'input_ids' and 'labels', got keys {sorted(keys)}; "
+            "pass Trainer(..., loss_fn=...) for other batches"
+        )
+    with pytest.raises(ValueError) as error:
+        split_batch((ids, labels, ids))
+    assert str(error.value) == (
+        "a batch must be (inputs, targets) or a dict with 'input_ids' and 'labels', got "
+        "tuple; pass Trainer(..., loss_fn=...) for other batches"
+    )
+
+    logits = torch.randn(2, T, V)
+    assert output_logits(logits) is logits
+    assert output_logits({"logits": logits, "loss": None}) is logits
+    assert output_logits(NamedOutput(logits)) is logits
+    for output in ({"scores": logits}, {"logits": None}, object(), NamedOutput(None)):
+        with pytest.raises(ValueError) as error:
+            output_logits(output)
+        assert str(error.value) == (
+            "the model must return logits or an output with a .logits tensor, "
+            f"got {type(output).__name__}"
+        )
 
 
 def test_training_loss_uses_label_smoothing():
