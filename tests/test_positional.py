@@ -51,6 +51,24 @@ def test_sinusoidal_table_equals_per_element_formula(device, base):
     torch.testing.assert_close(table.cpu().double(), expected, atol=1e-6, rtol=0)
 
 
+def test_sinusoidal_table_is_float64_accurate_at_large_positions():
+    # Computed in float64 throughout: a float32 frequency or table is off by ~1e-4 at 4095.
+    table = sinusoidal_table(4096, 64, dtype=torch.float64)
+    for pos in (1, 1000, 4095):
+        for i in range(32):
+            angle = pos / 10000.0 ** (2 * i / 64)
+            assert abs(table[pos, 2 * i].item() - math.sin(angle)) < 1e-12, (pos, i)
+            assert abs(table[pos, 2 * i + 1].item() - math.cos(angle)) < 1e-12, (pos, i)
+
+
+def test_sinusoidal_table_smallest_sizes():
+    # One position and one frequency are enough.
+    torch.testing.assert_close(sinusoidal_table(1, 2), torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(
+        sinusoidal_table(2, 2), torch.tensor([[0.0, 1.0], [math.sin(1.0), math.cos(1.0)]])
+    )
+
+
 def test_sinusoidal_table_values_bounded_and_start_at_sin0_cos0():
     table = sinusoidal_table(4096, 64)
     assert table.abs().max() <= 1.0
@@ -73,7 +91,11 @@ def test_sinusoidal_dot_product_depends_only_on_offset():
 
 @pytest.mark.parametrize("d_model", [7, 1, 0])
 def test_sinusoidal_table_rejects_odd_or_empty_d_model(d_model):
-    with pytest.raises(ValueError, match=f"d_model must be even.*d_model={d_model}"):
+    message = (
+        f"^d_model must be even and positive, got d_model={d_model}: every frequency fills two "
+        "columns, one sine and one cosine$"
+    )
+    with pytest.raises(ValueError, match=message):
         sinusoidal_table(16, d_model)
 
 
@@ -162,9 +184,27 @@ class TestAbsoluteEncodingErrors:
             make()(torch.zeros(shape))
 
 
-def test_learned_embedding_rejects_empty_table():
-    with pytest.raises(ValueError, match="max_len=0"):
-        LearnedPositionalEmbedding(0, 8)
+def test_sinusoidal_module_defaults_and_full_length_message():
+    module = SinusoidalPositionalEncoding(8)
+    assert module.pe.shape == (2048, 8) and repr(module).endswith("(d_model=8, max_len=2048)")
+    with pytest.raises(ValueError) as error:
+        SinusoidalPositionalEncoding(8, max_len=10)(torch.zeros(1, 4, 8), offset=7)
+    assert str(error.value) == (
+        "positions up to offset + seq = 7 + 4 = 11 requested (seq=4, offset=7), but the table "
+        "only holds max_len=10"
+    )
+
+
+def test_learned_embedding_smallest_table():
+    module = LearnedPositionalEmbedding(max_len=1, d_model=1)
+    x = torch.randn(2, 1, 1)
+    torch.testing.assert_close(module(x), x + module.embedding.weight[0])
+
+
+@pytest.mark.parametrize("max_len, d_model", [(0, 8), (8, 0)])
+def test_learned_embedding_rejects_empty_table(max_len, d_model):
+    with pytest.raises(ValueError, match=f"max_len={max_len}, d_model={d_model}$"):
+        LearnedPositionalEmbedding(max_len, d_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +213,7 @@ def test_learned_embedding_rejects_empty_table():
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (16, 40), (8, 16)])
+@pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (16, 40), (8, 16), (4, 8)])
 def test_relative_buckets_equal_t5(device, bidirectional, num_buckets, max_distance):
     relative = torch.arange(-300, 301, device=device)
     ours = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
@@ -183,6 +223,21 @@ def test_relative_buckets_equal_t5(device, bidirectional, num_buckets, max_dista
     assert ours.dtype == torch.long
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert ours.min() == 0 and ours.max() == num_buckets - 1  # every bucket range is reached
+
+
+def test_relative_buckets_defaults_are_t5s():
+    relative = torch.arange(-300, 301)
+    torch.testing.assert_close(
+        relative_position_bucket(relative),
+        T5Attention._relative_position_bucket(relative),  # bidirectional, 32 buckets, 128
+        rtol=0,
+        atol=0,
+    )
+    module = RelativePositionBias(1)
+    assert module.embedding.weight.shape == (32, 1)
+    assert module.extra_repr() == (
+        "n_heads=1, num_buckets=32, max_distance=128, bidirectional=True"
+    )
 
 
 def test_relative_buckets_hand_checked():
@@ -236,6 +291,10 @@ def test_relative_bucket_errors():
         RelativePositionBias(4, num_buckets=16, max_distance=4)
     with pytest.raises(ValueError, match="n_heads=0"):
         RelativePositionBias(0)
+    # 2 buckets: one per direction, no exact one; enough for a decoder. Refused when built.
+    RelativePositionBias(4, num_buckets=2, max_distance=8, bidirectional=False)
+    with pytest.raises(ValueError, match="num_buckets=2, max_distance=8, bidirectional=True$"):
+        RelativePositionBias(4, num_buckets=2, max_distance=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +315,16 @@ def test_alibi_slopes_equal_bloom(n_heads):
 def test_alibi_slopes_closed_form_for_powers_of_two(n_heads):
     expected = torch.tensor([2.0 ** (-8.0 * k / n_heads) for k in range(1, n_heads + 1)])
     torch.testing.assert_close(alibi_slopes(n_heads), expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("n_heads", [3, 12, 160, 300, 512])
+def test_alibi_slopes_are_the_float64_formula_rounded_once(n_heads):
+    # float32 exponents give slopes one ulp off from about 160 heads on.
+    p = 2 ** math.floor(math.log2(n_heads))
+    exponents = [-8.0 * k / p for k in range(1, p + 1)]
+    exponents += [-8.0 * (2 * j + 1) / (2 * p) for j in range(n_heads - p)]
+    expected = torch.tensor([2.0**e for e in exponents], dtype=torch.float64).float()
+    assert torch.equal(alibi_slopes(n_heads), expected)
 
 
 def test_alibi_slopes_non_power_of_two_interleave():
@@ -303,6 +372,14 @@ def test_alibi_slopes_are_a_non_persistent_buffer():
     alibi = ALiBi(8)
     torch.testing.assert_close(alibi.slopes, alibi_slopes(8))
     assert alibi.state_dict() == {}
+
+
+def test_biases_for_a_single_position_and_head():
+    # One query over one key: distance 0, so ALiBi adds 0 and T5 adds bucket 0's score.
+    assert torch.equal(ALiBi(1)(1, 1), torch.zeros(1, 1, 1, 1))
+    t5 = RelativePositionBias(1, num_buckets=4, max_distance=8)
+    torch.testing.assert_close(t5(1, 1), t5.embedding.weight[0].reshape(1, 1, 1, 1))
+    assert repr(ALiBi(3, causal=False)) == "ALiBi(n_heads=3, causal=False)"
 
 
 def test_alibi_errors():
@@ -426,6 +503,14 @@ def test_rotary_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k: rope(q, k, positions), (q, k))
 
 
+def test_rotary_smallest_head_dim_is_a_plane_rotation():
+    rope = RotaryEmbedding(2)  # one pair, angular speed 1 radian per position
+    assert repr(rope) == "RotaryEmbedding(head_dim=2, rope_theta=10000.0)"
+    x = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    q_rot, _ = rope(x, x, torch.tensor([3]))
+    torch.testing.assert_close(q_rot.flatten(), torch.tensor([math.cos(3.0), math.sin(3.0)]))
+
+
 def test_rotary_keeps_input_dtype():
     q = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
     q_rot, k_rot = RotaryEmbedding(8)(q, q, torch.arange(3))
@@ -433,8 +518,11 @@ def test_rotary_keeps_input_dtype():
 
 
 def test_rotary_errors():
-    with pytest.raises(ValueError, match="head_dim=7"):
+    with pytest.raises(ValueError) as error:
         RotaryEmbedding(7)
+    assert str(error.value) == (
+        "head_dim must be even and positive, got head_dim=7: RoPE rotates dimensions in pairs"
+    )
     rope = RotaryEmbedding(8)
     q = torch.zeros(2, 4, 5, 8)
     with pytest.raises(ValueError, match=r"k \(2, 4, 5, 6\).*head_dim=8"):
@@ -447,11 +535,20 @@ def test_rotary_errors():
         rope(q, q, torch.arange(6))
     with pytest.raises(ValueError, match="integer tensor.*torch.float32"):
         rope(q, q, torch.arange(5.0))
+    with pytest.raises(ValueError, match=r"shape \(1, 2, 5\) and dtype torch.int64$"):
+        rope.cos_sin(torch.zeros(1, 2, 5, dtype=torch.long))
     cos, sin = rope.cos_sin(torch.arange(5))
     with pytest.raises(ValueError, match=r"even head_dim, got \(2, 4, 5, 7\)"):
         apply_rotary(torch.zeros(2, 4, 5, 7), cos, sin)
     with pytest.raises(ValueError, match=r"cos/sin of shape \(5, 8\).*expected \(6, 8\)"):
         apply_rotary(torch.zeros(2, 4, 6, 8), cos, sin)
+    # sin (1, 8) would broadcast against cos (5, 8): refused, not silently reused.
+    with pytest.raises(ValueError) as error:
+        apply_rotary(torch.zeros(2, 4, 5, 8), cos, sin[:1])
+    assert str(error.value) == (
+        "cos and sin must both be (seq, head_dim) or (batch, seq, head_dim), got cos (5, 8) "
+        "and sin (1, 8)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

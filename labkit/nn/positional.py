@@ -166,7 +166,7 @@ def _bucket_layout(bidirectional: bool, num_buckets: int, max_distance: int) -> 
     max_exact = half // 2  # distances 0..max_exact-1 get one bucket each
     if max_exact < 1 or max_distance <= max_exact:
         raise ValueError(
-            f"need at least 2 exact buckets per direction and max_distance > {max_exact}, got "
+            f"need at least 2 buckets per direction and max_distance > {max_exact}, got "
             f"num_buckets={num_buckets}, max_distance={max_distance}, bidirectional={bidirectional}"
         )
     return half, max_exact
