@@ -220,7 +220,10 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def suppress_eos(logits: Tensor, eos_ids: Sequence[int]) -> Tensor:
-    """Set the end-of-sequence logits to -inf (used until ``min_new_tokens`` are generated)."""
+    """Set the end-of-sequence logits to -inf (used until ``min_new_tokens`` are generated).
+
+    (..., V) -> (..., V).
+    """
     if not eos_ids:
         return logits
     index = torch.tensor(list(eos_ids), device=logits.device)

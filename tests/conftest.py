@@ -32,6 +32,25 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def _peaked(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """The model with seeded N(0, std) weight matrices instead of the N(0, 0.02) init: sharp
+    attention and peaked logits, so its tokens depend on every position and piece of context
+    (a freshly initialised tiny model is nearly context-free: shifting the decode positions by
+    one leaves its greedy tokens unchanged). Returned in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model.eval()
+
+
+@pytest.fixture
+def peaked():
+    """``peaked(model, std=0.3, seed=0)``: see ``_peaked``."""
+    return _peaked
+
+
 # The packaged pretrained models are loaded once per test session (SmolLM2's GGUF takes ~20 s
 # to dequantize), each with its transformers reference model for equivalence checks.
 

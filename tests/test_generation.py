@@ -227,6 +227,22 @@ def test_repetition_penalty_hand_values():
         apply_repetition_penalty(logits, seen.expand(2, 3), 2.0)
 
 
+def test_repetition_penalty_below_one_favours_seen_tokens_and_shapes_are_checked():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    seen = torch.tensor([[0, 1]])
+    assert torch.equal(
+        apply_repetition_penalty(logits, seen, 0.5), torch.tensor([[4.0, -0.5, 0.5]])
+    )
+    message = (
+        r"^logits must be \(batch, vocab\) and generated_ids \(batch, seq\) with the same "
+        r"batch, got \(1, 3, 1\) and \(1, 2\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        apply_repetition_penalty(logits[..., None], seen, 2.0)
+    with pytest.raises(ValueError, match=r"^mask must match generated_ids \(1, 2\), got \(1, 3\)$"):
+        apply_repetition_penalty(logits, seen, 2.0, torch.ones(1, 3))
+
+
 def test_repetition_penalty_equals_transformers():
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -255,6 +271,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert kept(top_p_filter(logits, 0.75)) == {1, 3, 4}
     assert kept(top_p_filter(logits, 1.0)) == {0, 1, 2, 3, 4}
     assert kept(top_p_filter(torch.tensor([0.0, 30.0, 0.0]), 1e-6)) == {1}  # never empty
+    # Four equal tokens (exactly 0.25 each): two already hold p = 0.5, the third is dropped.
+    assert len(kept(top_p_filter(torch.zeros(4), 0.5))) == 2
     other = torch.tensor([0.2, 0.1, 0.6, 0.05, 0.05]).log()
     batch = top_p_filter(torch.stack([logits, other]), 0.72)  # row by row
     assert kept(batch[0]) == {1, 3, 4} and kept(batch[1]) == {2, 0}
@@ -273,6 +291,8 @@ def test_temperature_and_eos_suppression():
         apply_temperature(logits, 0)
     out = suppress_eos(logits, [2, 0])
     assert out[0, 1] == 2.0 and out[0, 0] == out[0, 2] == float("-inf")
+    assert torch.equal(suppress_eos(logits[0], [1]), torch.tensor([1.0, float("-inf"), 4.0]))
+    assert suppress_eos(logits, []) is logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,22 +547,9 @@ STRATEGIES = {
 }
 
 
-def peaked(model: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
-    """The model with seeded N(0, std) weight matrices instead of the N(0, 0.02) init: sharp
-    attention and peaked logits, so its tokens depend on every position and piece of context
-    (a freshly initialised tiny model is nearly context-free: shifting the decode positions by
-    one leaves its greedy tokens unchanged)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model.eval()
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", MODELS)
-def test_cache_gives_the_same_tokens_as_full_recompute(name, strategy, device):
+def test_cache_gives_the_same_tokens_as_full_recompute(name, strategy, device, peaked):
     model = peaked(MODELS[name].from_preset("tiny")).to(device)
     ids = torch.randint(4, 64, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -560,7 +567,7 @@ def test_cache_gives_the_same_tokens_as_full_recompute(name, strategy, device):
 
 @pytest.mark.parametrize("strategy", ["greedy+penalty", "beam"])
 @pytest.mark.parametrize("name", ["gpt", "llama"])
-def test_left_padded_batch_gives_each_prompt_its_own_tokens(name, strategy, device):
+def test_left_padded_batch_gives_each_prompt_its_own_tokens(name, strategy, device, peaked):
     model = peaked(MODELS[name].from_preset("tiny")).to(device)
     prompts = [torch.randint(4, 256, (n,)) for n in (3, 7, 5)]
     width = max(len(p) for p in prompts)
