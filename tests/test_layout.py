@@ -52,6 +52,15 @@ def test_every_labkit_name_a_notebook_imports_exists():
     assert not missing, "names the notebooks import but labkit lacks:\n" + "\n".join(missing)
 
 
+def test_notebooks_use_only_the_course_tooling_notebooks_readme_names():
+    """notebooks/README.md lists what notebooks take from ``labkit.course``; a new use of the
+    course tooling in a notebook must be named there too."""
+    used = {module for module, _ in _notebook_imports() if module.startswith("labkit.course")}
+    readme = (ROOT / "notebooks" / "README.md").read_text()
+    unnamed = sorted(m for m in used if f"`{m.removeprefix('labkit.course.')}`" not in readme)
+    assert used and not unnamed, f"notebooks/README.md does not name {unnamed}"
+
+
 @pytest.mark.parametrize("name", SUBPACKAGES)
 def test_subpackage_says_what_lives_where_and_exports_real_names(name):
     package = importlib.import_module(f"labkit.{name}")
