@@ -429,7 +429,8 @@ def _check_length(model: nn.Module, prompt_len: int, config: GenerationConfig) -
     if max_len is not None and needed > max_len:
         raise ValueError(
             f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 = {needed} "
-            f"positions exceed the model's max_len={max_len}"
+            f"positions exceed the model's max_len={max_len}; shorten the prompt or lower "
+            "max_new_tokens"
         )
 
 

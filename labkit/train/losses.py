@@ -83,7 +83,7 @@ def cross_entropy_sum(
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> float:
-    """Fraction of targets (not -100) whose highest logit is the right class.
+    """Fraction of targets (not ``IGNORE_INDEX``) whose highest logit is the right class.
 
     logits (..., V), targets (...); 0.0 when no target counts.
     """
