@@ -2,6 +2,7 @@
 library never reaches into the course tooling."""
 
 import ast
+import functools
 import importlib
 import json
 import pkgutil
@@ -22,6 +23,7 @@ def _code(cell_source: str) -> str:
     return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in lines)
 
 
+@functools.cache  # parsed once for the tests below
 def _notebook_imports() -> dict[tuple[str, str], set[str]]:
     """{(module, name): notebooks} for each ``from labkit... import name``, ``import labkit...``."""
     found: dict[tuple[str, str], set[str]] = {}
