@@ -4,8 +4,12 @@ library never reaches into the course tooling."""
 import ast
 import functools
 import importlib
+import importlib.metadata
 import json
 import pkgutil
+import re
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -87,6 +91,31 @@ def test_the_library_does_not_import_the_course_tooling():
                 assert not (node.module or "").startswith("labkit.course"), path
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("labkit.course") for a in node.names), path
+
+
+def test_every_module_level_import_is_a_declared_dependency():
+    """A plain ``pip install labkit`` can import every module: each third-party package a
+    labkit module imports at its top is in pyproject's ``dependencies`` (not only an extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d)[0].lower() for d in project["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = []
+    for path in sorted((ROOT / "labkit").rglob("*.py")):
+        # module level only: an import inside a function may need an extra (and says so)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                tops = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top in {"labkit", "__future__"}:
+                    continue
+                names = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not names & declared:
+                    undeclared.append(f"{path.relative_to(ROOT)}: {top}")
+    assert not undeclared, f"imported at module level but not in dependencies: {undeclared}"
 
 
 def test_only_the_documented_modules_sit_at_the_top_level():
