@@ -492,3 +492,73 @@ def test_processes_on_gpus_train_like_one_gpu(tmp_path):
             torch.testing.assert_close(
                 weight, single["state_dict"][name], rtol=0, atol=1e-6, msg=name
             )
+
+
+# --- model parallelism: tensor parallelism and FSDP (labkit.train.parallel) ------------------
+
+PARALLEL_SCRIPT = TESTS / "parallel_script.py"
+# float64 on both sides: a correct split agrees to rounding; a wrong one (a missing all-reduce,
+# a shard multiplied by the wrong rows) is off by O(0.1).
+PARALLEL_TOL = 1e-10
+
+
+def _check_parallel_run(results: dict, world: int) -> None:
+    assert results["world_size"] == world
+    for name in ("mlp", "swiglu", "attention"):
+        split = results[name]
+        assert split["output"] < PARALLEL_TOL, name
+        assert split["input_grad"] < PARALLEL_TOL, name
+        assert split["weight_grads"], name
+        for weight, diff in split["weight_grads"].items():
+            assert diff < PARALLEL_TOL, f"{name}.{weight}: {diff}"
+    # The weights really were split: each rank holds 1/W of the hidden units / heads.
+    assert results["mlp"]["shards"]["up_proj.weight"] == (32 // world, 16)
+    assert results["mlp"]["shards"]["down_proj.weight"] == (16, 32 // world)
+    assert results["attention"]["shards"]["q_proj.weight"] == (16 // world, 16)
+    assert results["attention"]["shards"]["k_proj.weight"] == (8 // world, 16)  # 2 of 4 heads
+    assert results["attention"]["shards"]["out_proj.weight"] == (16, 16 // world)
+
+    fsdp = results["fsdp"]
+    torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(fsdp["single_losses"]))
+    assert len(fsdp["losses"]) == 3
+    for weight, diff in fsdp["weights"].items():
+        assert diff < PARALLEL_TOL, f"fsdp {weight}: {diff}"
+    assert fsdp["moved"] > 1e-3  # training changed the weights, so agreeing means something
+
+    memory = {name: sum(parts.values()) for name, parts in results["memory"].items()}
+    assert memory["ddp"] == memory["single"]  # DDP: a full copy of everything on every rank
+    assert results["memory"]["ddp"]["optimizer"] == 2 * results["memory"]["ddp"]["parameters"]
+    # FSDP: about 1/W of it per rank (shards are padded to equal sizes, hence "about").
+    assert memory["fsdp"] == pytest.approx(memory["ddp"] / world, rel=0.05)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_and_fsdp_equal_one_process(tmp_path):
+    """One 2-process gloo launch: the TP MLP (GELU, SwiGLU) and the head-split attention give
+    the unsplit module's output and gradients; 3 FSDP steps of a tiny GPT end with the weights
+    and losses of the same steps on one process; FSDP holds half of DDP's bytes per rank."""
+    run_torchrun(PARALLEL_SCRIPT, 2, [str(tmp_path)], timeout=300)
+    for rank in (0, 1):
+        _check_parallel_run(torch.load(tmp_path / f"rank{rank}.pt"), world=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: fewer than 2 GPUs"
+)
+def test_tensor_parallel_and_fsdp_on_gpus(tmp_path):
+    """The same checks on CUDA with NCCL, on 2 GPUs (one rank per GPU)."""
+    run_torchrun(PARALLEL_SCRIPT, 2, [str(tmp_path), "--device", "cuda"], timeout=180)
+    for rank in (0, 1):
+        _check_parallel_run(torch.load(tmp_path / f"rank{rank}.pt"), world=2)
+
+
+def test_parallel_helpers_refuse_bad_input():
+    from labkit.train.parallel import device_mesh, fully_shard_model, tensor_parallel_mlp
+
+    with pytest.raises(ValueError, match="world of one; launch with torchrun"):
+        device_mesh(SINGLE_PROCESS, "cpu")
+    with pytest.raises(ValueError, match="mlp must be a labkit FeedForward, got Linear"):
+        tensor_parallel_mlp(nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="Linear has no .layers ModuleList; pass blocks="):
+        fully_shard_model(nn.Linear(2, 2), None)

@@ -357,7 +357,8 @@ class MultiHeadAttention(nn.Module):
                 if patched is not weights:  # a hook replaced the pattern: recompute the output
                     weights, out = patched, patched @ v
             out = run_hook(self.hook_z, out)  # (B, H, q_len, d_k)
-        out = out.transpose(1, 2).reshape(batch, q_len, self.d_model)  # (B, q_len, d_model)
+        # (B, q_len, d_model); (B, q_len, d_model / W) per rank under tensor parallelism
+        out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim)
         return AttentionOutput(self.out_proj(out), weights if need_weights else None)
 
     @classmethod

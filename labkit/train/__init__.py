@@ -5,8 +5,9 @@
 (constant, cosine and Noam schedules), ``losses`` (summed cross-entropy, accuracy,
 ``IGNORE_INDEX``), ``checkpoints`` (checkpoint files written atomically and checked when read,
 RNG state), ``interrupts`` (Ctrl-C and SIGTERM stop at a step boundary), ``memory`` (activation
-checkpointing and what it saves) and ``distributed`` (data-parallel training under
-``torchrun``). Every name is re-exported here,
+checkpointing and what it saves), ``distributed`` (data-parallel training under
+``torchrun``) and ``parallel`` (model parallelism: tensor-parallel MLP and attention, FSDP,
+per-rank memory). Every name is re-exported here,
 e.g. ``from labkit.train import Trainer, TrainConfig``.
 """
 
@@ -54,6 +55,16 @@ from labkit.train.losses import (
     split_batch,
 )
 from labkit.train.memory import enable_activation_checkpointing, saved_activation_bytes
+from labkit.train.parallel import (
+    device_mesh,
+    full_state_dict,
+    fully_shard_model,
+    gradient_bytes,
+    optimizer_state_bytes,
+    parameter_bytes,
+    tensor_parallel_attention,
+    tensor_parallel_mlp,
+)
 from labkit.train.schedules import constant_lr, cosine_lr, noam_lr
 from labkit.train.trainer import HISTORY_COLUMNS, Trainer
 
@@ -79,7 +90,11 @@ __all__ = [
     "constant_lr",
     "cosine_lr",
     "cross_entropy_sum",
+    "device_mesh",
     "enable_activation_checkpointing",
+    "full_state_dict",
+    "fully_shard_model",
+    "gradient_bytes",
     "init_distributed",
     "latest_checkpoint",
     "list_checkpoints",
@@ -88,8 +103,10 @@ __all__ = [
     "make_sampler",
     "make_scheduler",
     "noam_lr",
+    "optimizer_state_bytes",
     "output_logits",
     "param_groups",
+    "parameter_bytes",
     "prune_checkpoints",
     "read_checkpoint",
     "restore_rng_state",
@@ -97,6 +114,8 @@ __all__ = [
     "saved_activation_bytes",
     "schedule_lr",
     "split_batch",
+    "tensor_parallel_attention",
+    "tensor_parallel_mlp",
     "torchrun_command",
     "unwrap_model",
     "wrap_model",
