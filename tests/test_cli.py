@@ -154,6 +154,12 @@ def test_console_script_trains_and_saves_a_run(char_run):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 20
     assert state["history"][-1]["eval_loss"] == pytest.approx(final[1], abs=1e-4)
+    # The first step (compiling, with --compile) is reported apart from the steady speed.
+    tokens = 4 * 16  # TINY_RUN: batch 4 x block 16 characters per step
+    step_s = [tokens / record["tokens_per_s"] for record in state["history"]]
+    assert run["results"]["first_step_s"] == pytest.approx(step_s[0], rel=1e-6)
+    steady = tokens * 19 / sum(step_s[1:])
+    assert run["results"]["tokens_per_s"] == pytest.approx(steady, rel=1e-6)
 
 
 def test_main_in_process_repeats_the_console_script_run(

@@ -71,6 +71,21 @@ def test_layer_norm_matches_torch(device, bias, eps):
     assert _max_diff(ref(x), F.layer_norm(x, (16,), ref.weight, ref.bias, eps=eps / 4)) > 0.05
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_is_the_formula(bias):
+    """LayerNorm runs torch's fused kernel; its result is the docstring's formula written out:
+    (x - mean) / sqrt(biased var + eps) * weight + bias, over the last dimension."""
+    norm = _randomise(LayerNorm(16, eps=1e-3, bias=bias)).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-3) * norm.weight
+    expected = expected + norm.bias if bias else expected
+    assert torch.allclose(norm(x), expected, atol=1e-12, rtol=1e-10)
+    unbiased = (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + 1e-3) * norm.weight
+    assert _max_diff(norm(x) - (norm.bias if bias else 0), unbiased) > 1e-3
+
+
 @pytest.mark.parametrize("eps", [1e-6, 1e-2])
 def test_rms_norm_matches_torch(device, eps):
     ours = _randomise(RMSNorm(16, eps=eps)).to(device)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import labkit.train.trainer as train_module
+from labkit.device import BF16Hardware, bf16_hardware
 from labkit.nn import EncoderLayer
 from labkit.train import (
     IGNORE_INDEX,
@@ -491,11 +492,35 @@ def test_bf16_autocast_trains_on_the_cpu():
     assert trainer.model.head.weight.dtype is torch.float32  # master weights stay fp32
 
 
-def test_fp32_runs_without_autocast_and_auto_picks_bf16_on_the_cpu():
+def test_fp32_runs_without_autocast_and_auto_picks_bf16_where_the_cpu_has_it(monkeypatch):
     dtypes: list[torch.dtype] = []
     run(make_lm(), lm_data(), max_steps=1, trainer_kwargs={"loss_fn": _counting_loss(dtypes)})
     assert dtypes == [torch.float32]
-    assert Trainer(make_lm(), config(precision="auto"), lm_data()).amp_dtype is torch.bfloat16
+    expected = torch.bfloat16 if bf16_hardware("cpu").units else None
+    assert Trainer(make_lm(), config(precision="auto"), lm_data()).amp_dtype is expected
+    # The choice follows the detected hardware, not the machine the tests run on.
+    for units, dtype in ((True, torch.bfloat16), (False, None), (None, None)):
+        fake = BF16Hardware("cpu", "a CPU", units, "faked")
+        monkeypatch.setattr("labkit.train.trainer.bf16_hardware", lambda device, f=fake: f)
+        assert Trainer(make_lm(), config(precision="auto"), lm_data()).amp_dtype is dtype
+
+
+def test_adamw_is_fused_on_the_cpu_and_equals_the_unfused_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    optimizer = make_optimizer(model, config(weight_decay=0.1))
+    assert optimizer.defaults["fused"] is True
+    twin, start = copy.deepcopy(model), model[0].weight.detach().clone()
+    reference = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, foreach=False)
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in ((model, optimizer), (twin, reference)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+    assert not torch.allclose(model[0].weight, start, atol=1e-3)  # it did train
 
 
 def test_fp16_on_the_cpu_is_refused():

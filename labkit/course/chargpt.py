@@ -396,7 +396,9 @@ class CharGPTResult:
     ``eval_iters`` batches; val_bits_per_char is the final validation loss in bits per
     character of the text its windows' targets spell.
 
-    tokens_per_s: trained tokens per second of optimizer steps (evaluation excluded);
+    tokens_per_s: trained tokens per second of optimizer steps after the first
+    (evaluation excluded); first_step_s: seconds of the first step, which with ``compile``
+    includes compiling the model (``torch.compile`` works when first called), reported apart;
     fit_s: seconds in ``Trainer.fit`` (periodic evaluation included); wall_s: the whole run,
     from reading the text to the saved checkpoint. model (eval mode, on the run's device) and
     tokenizer are ready for :func:`sample_text`.
@@ -408,6 +410,7 @@ class CharGPTResult:
     val_loss: float
     val_bits_per_char: float
     tokens_per_s: float
+    first_step_s: float
     fit_s: float
     wall_s: float
     n_params: int
@@ -623,6 +626,7 @@ def train(
     if resume_from is not None:
         trainer.resume(resume_from[0])
         log(f"resumed from {resume_from[0]} (step {trainer.step} of {settings.max_iters})")
+    start_step = trainer.step
     fit_start = time.perf_counter()
     with _show_trainer_log():
         history = trainer.fit()
@@ -630,9 +634,12 @@ def train(
     final = losses()
     model.eval()  # ready to sample
 
-    # The history's tokens_per_s is per step; every step trains B * T characters.
+    # The history's tokens_per_s is per step; every step trains B * T tokens. The first
+    # step of this session is reported apart: with compile it includes compiling.
     tokens_per_step = settings.batch_size * settings.block_size
-    step_s = (tokens_per_step / history["tokens_per_s"]).sum()  # seconds in optimizer steps
+    step_s = tokens_per_step / history["tokens_per_s"]  # seconds of each optimizer step
+    first = (history["step"] == start_step + 1).to_numpy()  # none when nothing was left to do
+    steady = step_s[~first] if len(step_s) > first.sum() else step_s
     val_tokens = len(val_sample) * settings.block_size
     result = CharGPTResult(
         initial_train_loss=initial[0],
@@ -643,7 +650,8 @@ def train(
         * val_tokens
         / target_characters(val_sample, tokenizer)
         / math.log(2),
-        tokens_per_s=tokens_per_step * len(history) / step_s,
+        tokens_per_s=tokens_per_step * len(steady) / steady.sum(),
+        first_step_s=float(step_s[first].sum()),
         fit_s=fit_s,
         wall_s=time.perf_counter() - start,
         n_params=n_params,
@@ -662,7 +670,8 @@ def train(
         f"({result.val_bits_per_char:.4f} bits per character)"
     )
     log(
-        f"speed: {result.tokens_per_s:,.0f} tokens/s in training steps; "
+        f"speed: {result.tokens_per_s:,.0f} tokens/s in training steps after the first "
+        f"({result.first_step_s:.1f} s{', compiling' if settings.compile else ''}); "
         f"wall time {result.wall_s:.1f} s (training {fit_s:.1f} s with evaluations)"
     )
     log(f"saved {CHECKPOINT}, {CONFIG}, {recipe.tokenizer_file} to {out}")

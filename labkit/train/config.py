@@ -22,6 +22,8 @@ SCHEDULES = ("constant", "cosine", "noam")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 NONFINITE_POLICIES = ("raise", "skip")
 CHECKPOINT_ERROR_POLICIES = ("stop", "continue")
+# Device types whose parameters torch.optim.AdamW(fused=True) updates in one kernel
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
 
 
 def _is_int(value: object) -> bool:
@@ -59,8 +61,9 @@ class TrainConfig:
 
     Speed and memory
         precision: ``"fp32"``; ``"bf16"`` (autocast, CPU and recent GPUs); ``"fp16"``
-            (autocast with a GradScaler, CUDA only); ``"auto"`` = bf16 on the CPU and GPUs
-            that support it, fp16 on older GPUs, fp32 elsewhere.
+            (autocast with a GradScaler, CUDA only); ``"auto"`` = bf16 on GPUs that support it
+            and on CPUs with bf16 instructions (``labkit.device.bf16_hardware``, detected at
+            run time), fp16 on older GPUs, fp32 elsewhere.
         activation_checkpointing: recompute each EncoderLayer/DecoderLayer in backward
             (see ``enable_activation_checkpointing``).
         compile: run the training forward through ``torch.compile``.
@@ -250,19 +253,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over ``param_groups``; the fused kernel on CUDA.
+    """AdamW (decoupled weight decay) over ``param_groups``; the fused kernel where it exists.
 
-    The fused implementation updates every parameter in one kernel launch instead of several
-    per tensor; it needs all parameters on the GPU.
+    The fused implementation updates each parameter in one pass (moments, step and decay
+    together) instead of several elementwise passes over all of them; PyTorch has it for
+    floating-point parameters all on the CPU or all on CUDA. Its result equals the unfused
+    update to rounding (tests/test_train.py).
     """
     groups = param_groups(model, config.weight_decay)
     if not groups:
         raise ValueError("model has no parameters with requires_grad=True to train")
-    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    fused = len(devices) == 1 and devices <= FUSED_ADAMW_DEVICES
+    fused = fused and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(
         groups,
         lr=config.lr,
         betas=tuple(config.betas),
         eps=config.eps,
-        fused=True if on_cuda else None,
+        fused=True if fused else None,
     )

@@ -61,7 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from labkit.device import get_device, seed_everything
+from labkit.device import bf16_hardware, get_device, seed_everything
 from labkit.train.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
@@ -121,7 +121,9 @@ def _resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtyp
     """(autocast dtype or None for fp32, whether fp16 loss scaling is needed)."""
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "auto":
-        if device.type == "cpu" or cuda_bf16:
+        if device.type == "cpu":  # bf16 only pays where the CPU multiplies in bf16 itself
+            precision = "bf16" if bf16_hardware(device).units else "fp32"
+        elif cuda_bf16:
             precision = "bf16"
         elif device.type == "cuda":
             precision = "fp16"
