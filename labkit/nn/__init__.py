@@ -1,7 +1,7 @@
 """The building blocks a learner studies, one idea per module.
 
-``attention`` (the explicit scaled dot-product formula and ``MultiHeadAttention`` with
-grouped-query heads), ``masks`` (padding, causal and
+``attention`` (the explicit scaled dot-product formula, ``MultiHeadAttention`` with
+grouped-query heads and Bahdanau's ``AdditiveAttention``), ``masks`` (padding, causal and
 sparse masks; True = may attend), ``efficient`` (Linformer, Nyströmformer and Performer
 self-attention, FAVOR+ features), ``positional`` (sinusoidal, learned, relative, rotary with
 context scaling, ALiBi), ``layers`` (norms, feed-forward, encoder and decoder layers), ``cache``
@@ -11,6 +11,7 @@ can be read or replaced). Every name is re-exported here, e.g.
 """
 
 from labkit.nn.attention import (
+    AdditiveAttention,
     AttentionOutput,
     MultiHeadAttention,
     scaled_dot_product_attention,
@@ -65,6 +66,7 @@ __all__ = [
     "hooked",
     "run_hook",
     "ALiBi",
+    "AdditiveAttention",
     "AttentionOutput",
     "DecoderLayer",
     "DecoderLayerCache",

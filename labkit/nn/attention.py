@@ -1,5 +1,6 @@
 """Attention: the explicit scaled dot-product formula, the masks that shape it, and the modules
-built on it (multi-head / grouped-query attention with a KV cache, Linformer, Nyströmformer).
+built on it (multi-head / grouped-query attention with a KV cache), plus the additive attention
+of RNN encoder-decoders (Bahdanau et al. 2015) that dot-product attention replaced.
 
 Symbols used in every shape below:
     B       batch size
@@ -401,3 +402,74 @@ class MultiHeadAttention(nn.Module):
                     proj.bias.copy_(b)
                 labkit_mha.out_proj.bias.copy_(mha.out_proj.bias)
         return labkit_mha
+
+
+# ----------------------------------------------------------------------------------------------
+# Additive (Bahdanau) attention
+# ----------------------------------------------------------------------------------------------
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau et al.'s additive attention (2015), the alignment model of RNN translation.
+
+    Each query (a decoder state s) scores each key (an encoder state h_j) with a one-hidden-layer
+    network instead of a dot product,
+
+        e_j = vᵀ tanh(W_q s + W_k h_j),    a = softmax(e),    context = Σ_j a_j value_j,
+
+    so query and key may have different widths and no 1/sqrt(d) scale is needed. Parameters:
+    ``query_proj`` (W_q, query_dim -> hidden_dim), ``key_proj`` (W_k, key_dim -> hidden_dim),
+    ``score`` (v, hidden_dim -> 1), all without bias as in the paper. Cost: a (B, q_len, k_len,
+    hidden_dim) tensor of tanh inputs, where dot-product attention needs only (B, q_len, k_len).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        if min(query_dim, key_dim, hidden_dim) < 1:
+            raise ValueError(
+                f"query_dim, key_dim and hidden_dim must be at least 1, got {query_dim}, "
+                f"{key_dim}, {hidden_dim}"
+            )
+        self.query_dim, self.key_dim, self.hidden_dim = query_dim, key_dim, hidden_dim
+        self.query_proj = nn.Linear(query_dim, hidden_dim, bias=False)
+        self.key_proj = nn.Linear(key_dim, hidden_dim, bias=False)
+        self.score = nn.Linear(hidden_dim, 1, bias=False)
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor | None = None, mask: Tensor | None = None
+    ) -> AttentionOutput:
+        """Context vectors and alignment weights.
+
+        Args:
+            query: (B, q_len, query_dim), e.g. the decoder state before each output step.
+            key: (B, k_len, key_dim), e.g. the encoder states.
+            value: (B, k_len, d_v); defaults to ``key`` (Bahdanau's context is a sum of h_j).
+            mask: bool, True = may attend, broadcastable to (B, q_len, k_len), e.g.
+                ``padding_mask(lengths)[:, 0]`` of shape (B, 1, k_len). A query with every key
+                masked gets zero weights and a zero context.
+
+        Returns:
+            AttentionOutput(output (B, q_len, d_v), weights (B, q_len, k_len)).
+        """
+        _check_input("query", query, self.query_dim)
+        _check_input("key", key, self.key_dim)
+        value = key if value is None else value
+        if value.dim() != 3 or value.shape[:2] != key.shape[:2] or query.shape[0] != key.shape[0]:
+            raise ValueError(
+                f"expected query (B, q_len, {self.query_dim}), key (B, k_len, {self.key_dim}) "
+                f"and value (B, k_len, d_v) with one B and k_len, got query "
+                f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        hidden = self.query_proj(query)[:, :, None] + self.key_proj(key)[:, None]  # (B,q,k,hid)
+        scores = self.score(torch.tanh(hidden)).squeeze(-1)  # (B, q_len, k_len)
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool (True = may attend), got {mask.dtype}")
+            _check_mask(mask, scores.shape)
+            scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (B, q_len, 1)
+        weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+        return AttentionOutput(weights @ value, weights)
+
+    def extra_repr(self) -> str:
+        return f"query_dim={self.query_dim}, key_dim={self.key_dim}, hidden_dim={self.hidden_dim}"
