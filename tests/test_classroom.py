@@ -73,7 +73,6 @@ def _solved(release: nbformat.NotebookNode, course: nbformat.NotebookNode, tasks
 
 @pytest.mark.slow
 def test_nbgrader_generate_assignment_and_autograde(tmp_path, monkeypatch):
-    pytest.importorskip("nbgrader")
     monkeypatch.delenv("LABKIT_STRICT_CHECKS", raising=False)  # NBGRADER_CONFIG sets it
     from nbgrader.api import Gradebook
     from nbgrader.apps import NbGraderAPI

@@ -91,7 +91,6 @@ def course(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lab(course: Path) -> Iterator[str]:
     """JupyterLab on 127.0.0.1 with a token, serving ``course``; yields its base URL."""
-    pytest.importorskip("jupyterlab")
     home = course.parent
     settings = home / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
