@@ -608,3 +608,9 @@ def test_rope_scaling_errors():
     with pytest.raises(ValueError, match="1 without scaling.*factor=2.0, scaling='none'"):
         RotaryEmbedding(8, factor=2.0)
     assert "scaling='ntk', factor=2.0" in repr(RotaryEmbedding(8, scaling="ntk", factor=2.0))
+    # NTK-aware scaling needs a second pair to slow down; two pairs are enough.
+    with pytest.raises(
+        ValueError, match=r"^NTK-aware scaling needs head_dim >= 4, got head_dim=2$"
+    ):
+        RotaryEmbedding(2, scaling="ntk", factor=2.0)
+    assert RotaryEmbedding(4, scaling="ntk", factor=2.0).inv_freq().shape == (2,)
