@@ -5,8 +5,10 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from labkit.models.gpt import GPT, GPTConfig, gpt2_source
+from labkit.nn import LayerNorm
 
 VOCAB = 100
 MAX_LEN = 32
@@ -293,11 +295,54 @@ def test_presets():
         GPTConfig.preset("small", vocab_size=256)
 
 
+def test_config_from_hf_copies_every_field_and_names_what_it_refuses():
+    from transformers import GPT2Config
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    hf_config = GPT2Config(
+        vocab_size=50, n_positions=32, n_layer=3, n_head=2, n_embd=16, n_inner=24,
+        resid_pdrop=0.25, layer_norm_epsilon=1e-3, tie_word_embeddings=False,
+        activation_function="gelu", bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    c = GPTConfig.from_hf(hf_config)
+    sizes = (c.vocab_size, c.max_len, c.n_layers, c.n_heads, c.d_model, c.d_ff)
+    assert sizes == (50, 32, 3, 2, 16, 24)
+    assert (c.dropout, c.eps, c.tie_weights, c.activation) == (0.25, 1e-3, False, "gelu")
+    assert (c.bos_id, c.eos_id, c.pad_id) == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"^expected a GPT-2 config, got model_type='llama'$"):
+        GPTConfig.from_hf(HFLlamaConfig())
+    message = (
+        r"^GPT scales attention scores by 1/sqrt\(head_dim\) only, got scale_attn_weights=False, "
+        r"scale_attn_by_inverse_layer_idx=False$"
+    )
+    with pytest.raises(ValueError, match=message):
+        GPTConfig.from_hf(GPT2Config(scale_attn_weights=False))
+
+
+@pytest.mark.parametrize(
+    "field", ["vocab_size", "max_len", "n_layers", "n_heads", "d_model", "d_ff"]
+)
+def test_config_sizes_must_be_positive(field):
+    with pytest.raises(ValueError, match=rf"^{field} must be at least 1, got {field}=0$"):
+        GPTConfig.preset("tiny", **{field: 0})
+
+
+def test_every_norm_and_dropout_follows_the_config():
+    model = GPT(GPTConfig.preset("tiny", eps=1e-3, dropout=0.25))
+    norms = [m.eps for m in model.modules() if isinstance(m, LayerNorm)]
+    assert norms == [1e-3] * 5  # two per layer and the final one
+    drops = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops == [0.25] * 7  # embeddings, and three per layer
+    assert all(layer.self_attn.dropout == 0.25 for layer in model.layers)
+    assert model.lm_head.bias is None
+
+
 def test_gpt2_initialisation():
     model = GPT.from_preset("tiny", d_model=128)  # 2 layers: residual std 0.02 / sqrt(4)
     layer = model.layers[0]
     assert abs(layer.self_attn.q_proj.weight.std().item() - 0.02) < 0.002
     assert abs(layer.self_attn.out_proj.weight.std().item() - 0.01) < 0.001
+    assert abs(layer.self_attn.out_proj.weight.mean().item()) < 0.001
     assert abs(layer.ffn.down_proj.weight.std().item() - 0.01) < 0.001
     assert abs(model.wpe.embedding.weight.std().item() - 0.02) < 0.002
     assert layer.ffn.up_proj.bias.abs().max() == 0
