@@ -10,7 +10,8 @@ The library, by layer:
 - ``labkit.data``: corpora, synthetic tasks, tokenizers, augmentation, opt-in Hub datasets;
 - ``labkit.train``: the ``Trainer`` and its config, schedules, losses, checkpoints, activation
   memory and distributed training;
-- ``labkit.generation`` (decoding), ``labkit.inference`` (quantisation, memory, timing),
+- ``labkit.generation`` (decoding), ``labkit.inference`` (memory, timing, int8/int4
+  quantisation, fast decoding with a static cache and ``torch.compile``),
   ``labkit.device`` (device, seed and precision helpers);
 - ``labkit.interp``: the activation cache and hooks of every model (``run_with_cache``),
   head statistics and detectors of recognisable heads;

@@ -20,13 +20,22 @@ Each one is a small pure function on a ``(B, V)`` tensor, so a notebook can call
 * decoder-only (``GPT``, ``Llama``): a batch of prompts is **left-padded** so every row's next
   token lands in the last column; the prompt is run once (prefill) and each new token is fed alone
   while the KV cache keeps the past (``use_cache=False`` recomputes the whole sequence each step,
-  same tokens, much slower: that is what the cache saves);
+  same tokens, much slower: that is what the cache saves). ``static_cache=True`` pre-allocates
+  the cache for prompt + ``max_new_tokens`` and writes it in place (same tokens, fixed shapes:
+  what ``torch.compile`` and ``labkit.inference.FastLM`` need);
 * encoder-decoder (``Transformer``): the source is encoded once and the decoder starts from
   ``decoder_start_id``, with an ``EncoderDecoderCache``.
 
 A row that produced ``eos_id`` (or whose text reached one of ``stop_strings``) is finished: it gets
 ``pad_id`` from then on, and generation stops early once every row is finished.
 ``stream(...)`` yields the text of one prompt piece by piece while it is generated.
+
+**Speculative decoding** (``speculative="prompt-lookup"``, greedy, one prompt): each step
+drafts up to ``draft_tokens`` tokens by copying what followed the last n-gram's earlier
+occurrence (``prompt_lookup_draft``), and one forward pass over the draft gives the greedy
+token at every draft position; the tokens that agree are kept, plus the model's own next one.
+The output is exactly greedy decoding's, in fewer forward passes when the text repeats its
+context (``GenerationOutput.speculative`` counts proposed and accepted drafts).
 
 Shapes: B batch, T prompt length, V vocabulary, K beams, n generated tokens.
 """
@@ -67,6 +76,13 @@ class GenerationConfig:
     seed: seeds a private ``torch.Generator`` for sampling (None: the global random state).
     use_cache: reuse past keys/values (True) or recompute the whole sequence every step.
     decoder_start_id: first decoder token of an encoder-decoder; None -> ``model.config.bos_id``.
+    static_cache: decoder-only models: a pre-allocated ``StaticCache`` of prompt +
+        ``max_new_tokens`` columns instead of a growing one (same tokens; fixed shapes for
+        ``torch.compile``, see ``labkit.inference.FastLM``).
+    speculative: ``"none"`` or ``"prompt-lookup"``: greedy decoding that drafts up to
+        ``draft_tokens`` tokens by finding the last ``ngram_size`` (or fewer) tokens earlier
+        in the sequence and copying what followed, then checks the draft in one forward pass
+        (``prompt_lookup_draft``). The tokens are those of plain greedy decoding; batch 1.
     """
 
     max_new_tokens: int = 32
@@ -84,6 +100,10 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     decoder_start_id: int | None = None
+    static_cache: bool = False
+    speculative: str = "none"
+    draft_tokens: int = 8
+    ngram_size: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_id, list):  # accept a list, store a (hashable) tuple
@@ -125,6 +145,21 @@ class GenerationConfig:
             )
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.static_cache and not self.use_cache:
+            raise ValueError("static_cache=True needs use_cache=True (it is a KV cache)")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        if self.speculative != "none" and (self.do_sample or self.num_beams > 1):
+            raise ValueError(
+                f"speculative={self.speculative!r} keeps greedy decoding's tokens, so it needs "
+                f"do_sample=False and num_beams=1 (got do_sample={self.do_sample}, "
+                f"num_beams={self.num_beams})"
+            )
+        if self.draft_tokens < 1 or self.ngram_size < 1:
+            raise ValueError(
+                f"draft_tokens and ngram_size must be >= 1, got draft_tokens={self.draft_tokens}"
+                f", ngram_size={self.ngram_size}"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GenerationConfig:
@@ -144,6 +179,8 @@ class GenerationConfig:
             )
         return dataclasses.replace(self, **overrides)
 
+
+SPECULATIVE = ("none", "prompt-lookup")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "greedy": {},
@@ -275,7 +312,7 @@ class _Sequences:
         self,
         model: nn.Module,
         tokens: Tensor,
-        use_cache: bool,
+        config: GenerationConfig,
         mask: Tensor | None = None,
         memory: Tensor | None = None,
         src_mask: Tensor | None = None,
@@ -285,18 +322,39 @@ class _Sequences:
         self.mask = mask  # (B, L) decoder-only attention mask, None for encoder-decoder
         self.memory = memory  # (B, S, D) encoder output, None for decoder-only
         self.src_mask = src_mask  # (B, S) or None
-        self.cache = model.new_cache() if use_cache else None
         self.n_prompt = tokens.shape[1]
+        self.cache = None
+        if config.static_cache:  # the most positions the model will see (``_check_length``)
+            length = self.n_prompt + config.max_new_tokens - 1
+            self.cache = model.new_cache(batch=tokens.shape[0], max_len=length)
+        elif config.use_cache:
+            self.cache = model.new_cache()
 
-    def next_logits(self) -> Tensor:
-        """(B, V) float32 logits for the token after ``tokens``."""
+    def next_logits(self, draft: Tensor | None = None) -> Tensor:
+        """(B, V) float32 logits for the token after ``tokens``.
+
+        With ``draft`` (B, k) tokens fed after ``tokens``: (B, k + 1, V), the logits after
+        the last token and after each draft token; the cache then holds the draft too (roll
+        it back with ``keep_cached``).
+        """
         seen = 0 if self.cache is None else self.cache.seq_len
         ids = self.tokens[:, seen:]  # (B, L - seen)
+        mask = self.mask
+        if draft is not None:
+            ids = torch.cat([ids, draft], dim=1)
+            mask = torch.cat([mask, torch.ones_like(draft)], dim=1)
         if self.memory is None:
-            out = self.model(ids, attention_mask=self.mask, cache=self.cache)
+            out = self.model(ids, attention_mask=mask, cache=self.cache)
         else:
             out = self.model.decode(ids, self.memory, src_mask=self.src_mask, cache=self.cache)
-        return out.logits[:, -1].float()
+        if draft is None:
+            return out.logits[:, -1].float()
+        return out.logits[:, -1 - draft.shape[1] :].float()
+
+    def keep_cached(self, length: int) -> None:
+        """Roll the cache back to its first ``length`` positions (drop rejected drafts)."""
+        if self.cache is not None:
+            self.cache.truncate(length)
 
     def append(self, new: Tensor) -> None:
         """Add one (B,) column of tokens; the attention mask grows by a column of ones."""
@@ -448,12 +506,17 @@ def _start(
         return _Sequences(
             model,
             ids.repeat_interleave(copies, 0),
-            config.use_cache,
+            config,
             mask=mask.repeat_interleave(copies, 0),
         )
     if special.start_id is None:
         raise ValueError(
             "encoder-decoder generation needs decoder_start_id (or model.config.bos_id)"
+        )
+    if config.static_cache or config.speculative != "none":
+        raise ValueError(
+            "static_cache and speculative decoding are for decoder-only models (GPT, Llama); "
+            f"{type(model).__name__} is an encoder-decoder"
         )
     _check_length(model, 1, config)
     memory = model.encode(ids, mask)  # (B, S, D), once per prompt
@@ -461,7 +524,7 @@ def _start(
     return _Sequences(
         model,
         start,
-        config.use_cache,
+        config,
         memory=memory.repeat_interleave(copies, 0),
         src_mask=mask.repeat_interleave(copies, 0),
     )
@@ -538,6 +601,110 @@ def _decode_steps(
                         finished[row] = True
         yield _Step(new, chosen, active)
         if finished.all():
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative decoding with prompt lookup
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_lookup_draft(tokens: Tensor, ngram_size: int = 3, draft_tokens: int = 8) -> Tensor:
+    """Guess the next tokens from the sequence itself (prompt lookup, Saxena 2023).
+
+    Find the most recent earlier occurrence of the last ``n`` tokens (n = ``ngram_size``,
+    then shorter) and copy up to ``draft_tokens`` tokens that followed it. Summaries, code
+    edits and chat answers quote their input, so these guesses are often right, and they
+    cost no draft model.
+
+    tokens: (L,) the sequence so far. Returns (k,), 0 <= k <= draft_tokens (empty when no
+    n-gram recurs).
+
+    >>> prompt_lookup_draft(torch.tensor([5, 6, 7, 8, 9, 5, 6]), ngram_size=2).tolist()
+    [7, 8, 9, 5, 6]
+    """
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be one sequence (L,), got shape {tuple(tokens.shape)}")
+    length = tokens.shape[0]
+    for n in range(min(ngram_size, length - 1), 0, -1):
+        windows = tokens[:-1].unfold(0, n, 1)  # (L - n, n): n-grams that have a next token
+        hits = (windows == tokens[-n:]).all(dim=1).nonzero().flatten()
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start : start + draft_tokens]
+    return tokens[:0]
+
+
+@dataclass
+class SpeculativeStats:
+    """What speculative decoding did in one generation.
+
+    proposed / accepted: draft tokens checked / equal to the greedy token (each accepted one
+    is a token generated without its own forward pass); forward_passes: model calls after the
+    prompt's (plain greedy decoding makes one per generated token).
+    """
+
+    proposed: int = 0
+    accepted: int = 0
+    forward_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / proposed (0.0 when nothing was proposed)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def _speculative_steps(
+    seqs: _Sequences,
+    config: GenerationConfig,
+    special: _Special,
+    tokenizer: Any,
+    stats: SpeculativeStats,
+) -> Iterator[_Step]:
+    """Greedy decoding of one row that checks a prompt-lookup draft d_1..d_k per forward pass.
+
+    The model reads [tokens, d_1..d_k] once; its logits after the last token and after each
+    d_i give the greedy tokens g_0..g_k, processed exactly as ``_decode_steps`` would. g_0 is
+    emitted; while g_i == d_{i+1} the draft was right and g_{i+1} is emitted too. The first
+    mismatch ends the round and the cache is rolled back to the accepted tokens, so the
+    tokens equal plain greedy decoding's, in fewer passes.
+    """
+    eos = set(special.eos_ids)
+    one = torch.ones(1, dtype=torch.bool, device=seqs.tokens.device)
+    step = 0
+    while True:
+        emitted, done = [], False
+        with torch.inference_mode():
+            room = config.max_new_tokens - step - 1  # draft tokens whose check still counts
+            n_draft = min(room, config.draft_tokens)
+            draft = prompt_lookup_draft(seqs.tokens[0], config.ngram_size, n_draft)
+            length = seqs.tokens.shape[1]
+            if len(draft):
+                logits = seqs.next_logits(draft[None])[0]  # (k + 1, V)
+            else:
+                logits = seqs.next_logits()  # (1, V)
+            stats.proposed += len(draft)
+            stats.forward_passes += 1
+            for i in range(len(draft) + 1):
+                row = process_logits(
+                    logits[i : i + 1], seqs.tokens, seqs.mask, config, step, special.eos_ids
+                )
+                logprobs = row.log_softmax(dim=-1)
+                new = row.argmax(dim=-1)  # (1,)
+                seqs.append(new)
+                step += 1
+                emitted.append(_Step(new, logprobs.gather(1, new[:, None]).squeeze(1), one))
+                token = int(new)
+                done = token in eos or step == config.max_new_tokens
+                if config.stop_strings and not done:
+                    text = tokenizer.decode(seqs.generated(0), skip_special_tokens=True)
+                    done = any(s in text for s in config.stop_strings)
+                if done or i == len(draft) or token != int(draft[i]):
+                    break
+                stats.accepted += 1
+            seqs.keep_cached(length + len(emitted) - 1)  # the accepted draft tokens stay
+        yield from emitted
+        if done:
             return
 
 
@@ -653,6 +820,7 @@ class GenerationOutput:
         string), when a tokenizer was given.
     beam_tokens / beam_scores: beam search only: all K hypotheses per prompt, best first,
         (B, K, n_beams) padded with ``pad_id``, and their (B, K) scores.
+    speculative: with ``speculative="prompt-lookup"``, the drafts proposed and accepted.
     """
 
     sequences: Tensor
@@ -661,6 +829,25 @@ class GenerationOutput:
     text: list[str] | None = None
     beam_tokens: Tensor | None = None
     beam_scores: Tensor | None = None
+    speculative: SpeculativeStats | None = None
+
+
+def _steps(
+    seqs: _Sequences,
+    config: GenerationConfig,
+    special: _Special,
+    tokenizer: Any,
+    stats: SpeculativeStats | None,
+) -> Iterator[_Step]:
+    """Greedy/sampled steps, through prompt lookup when ``stats`` is given (one row only)."""
+    if stats is None:
+        return _decode_steps(seqs, config, special, tokenizer)
+    if seqs.tokens.shape[0] != 1:
+        raise ValueError(
+            f"speculative={config.speculative!r} decodes one prompt at a time, got a batch of "
+            f"{seqs.tokens.shape[0]}: generate the prompts one by one, or use speculative='none'"
+        )
+    return _speculative_steps(seqs, config, special, tokenizer, stats)
 
 
 def generate(
@@ -689,10 +876,11 @@ def generate(
         raise ValueError(f"stop_strings {config.stop_strings} need a tokenizer (tokenizer=...)")
     special = _special_ids(model, config)
     ids, mask = _prepare_inputs(model, input_ids, attention_mask, tokenizer, special.pad_id)
+    stats = SpeculativeStats() if config.speculative != "none" else None
     with _eval_mode(model), torch.inference_mode():
         seqs = _start(model, ids, mask, config, special, copies=config.num_beams)
         if config.num_beams == 1:
-            steps = list(_decode_steps(seqs, config, special, tokenizer))
+            steps = list(_steps(seqs, config, special, tokenizer, stats))
             new = torch.stack([s.tokens for s in steps], dim=1)  # (B, n)
             lengths = torch.stack([s.active for s in steps], dim=1).sum(dim=1).tolist()
             scores = torch.stack([s.logprobs for s in steps], dim=1).sum(dim=1)  # (B,)
@@ -721,7 +909,27 @@ def generate(
         text=text,
         beam_tokens=None if beam_tokens is None else beam_tokens.clone(),
         beam_scores=None if beam_scores is None else beam_scores.clone(),
+        speculative=stats,
     )
+
+
+class TextStream:
+    """What ``stream`` returns: an iterator over text pieces that also keeps count.
+
+    new_tokens: the tokens generated so far (eos included); speculative: the
+    ``SpeculativeStats`` with ``speculative="prompt-lookup"``, else None.
+    """
+
+    def __init__(self, pieces: Iterator[str], new_tokens: list[int], stats: Any) -> None:
+        self._pieces = pieces
+        self.new_tokens = new_tokens
+        self.speculative: SpeculativeStats | None = stats
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
 
 
 def stream(
@@ -730,13 +938,14 @@ def stream(
     tokenizer: Any,
     config: GenerationConfig | None = None,
     **overrides: Any,
-) -> Iterator[str]:
+) -> TextStream:
     """Yield the generated text of one prompt piece by piece, as it is produced.
 
     Each step decodes the whole generated suffix and yields what is new (Hugging Face's
     ``TextStreamer`` idea), holding back a trailing "\\ufffd" (a character whose bytes are split
     across tokens) until it is complete. ``"".join(stream(...))`` equals
     ``generate(...).text[0]`` for the same config (greedy/sampling with a seed; no beams).
+    The returned ``TextStream`` also counts the tokens (``new_tokens``).
     """
     config = (config or GenerationConfig()).replace(**overrides)
     if config.num_beams != 1:
@@ -747,7 +956,10 @@ def stream(
     ids, mask = _prepare_inputs(model, prompt, None, tokenizer, special.pad_id)
     if ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {ids.shape[0]}")
-    return _stream_pieces(model, ids, mask, config, special, tokenizer)
+    tokens: list[int] = []
+    stats = SpeculativeStats() if config.speculative != "none" else None
+    pieces = _stream_pieces(model, ids, mask, config, special, tokenizer, tokens, stats)
+    return TextStream(pieces, tokens, stats)
 
 
 def _stream_pieces(
@@ -757,13 +969,14 @@ def _stream_pieces(
     config: GenerationConfig,
     special: _Special,
     tokenizer: Any,
+    tokens: list[int],
+    stats: SpeculativeStats | None,
 ) -> Iterator[str]:
     with _eval_mode(model):
         with torch.inference_mode():
             seqs = _start(model, ids, mask, config, special, copies=1)
-        tokens: list[int] = []
         text = shown = ""
-        for step in _decode_steps(seqs, config, special, tokenizer):
+        for step in _steps(seqs, config, special, tokenizer, stats):
             tokens.append(int(step.tokens[0]))
             text = _text(tokens, tokenizer, special, config)
             ready = text.rstrip("\ufffd")
@@ -776,12 +989,16 @@ def _stream_pieces(
 
 __all__ = [
     "PRESETS",
+    "SPECULATIVE",
     "GenerationConfig",
     "GenerationOutput",
+    "SpeculativeStats",
+    "TextStream",
     "apply_repetition_penalty",
     "apply_temperature",
     "generate",
     "process_logits",
+    "prompt_lookup_draft",
     "stream",
     "suppress_eos",
     "top_k_filter",

@@ -300,7 +300,7 @@ def test_perplexity_errors():
 
 
 class _TokenClock:
-    """A fake ``time`` for labkit.inference whose clock advances only when the model runs: by
+    """A fake ``time`` for labkit.inference.measure whose clock advances only when the model runs: by
     1 s per token position it processes. Timings then have exact expected values (cost models
     of cached and uncached decoding), so the helpers' arithmetic and bookkeeping are checked
     against numbers computed independently, not against their own formula."""
@@ -332,11 +332,11 @@ class CachelessGPT(ClockedGPT):
 
 @pytest.fixture
 def clocked(monkeypatch) -> ClockedGPT:
-    import labkit.inference
+    from labkit.inference import measure
 
     model = ClockedGPT(GPTConfig.preset("tiny")).eval()
     model.clock = _TokenClock()
-    monkeypatch.setattr(labkit.inference, "time", model.clock)
+    monkeypatch.setattr(measure, "time", model.clock)
     return model
 
 

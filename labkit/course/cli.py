@@ -3,7 +3,8 @@
 ``notebooks run`` (execute the course notebooks, full mode by default), ``book build`` (render
 the course book, see ``labkit.course.book``), ``train char-gpt`` (nanoGPT's Shakespeare character
 model, see ``labkit.course.chargpt``), ``train bpe-gpt`` (the same on BPE tokens, see
-``labkit.course.bpegpt``) and ``sample`` (text from either)."""
+``labkit.course.bpegpt``), ``sample`` (text from either) and ``generate`` (text from a packaged
+model through the fast decoding paths of ``labkit.inference.fast``)."""
 
 from __future__ import annotations
 
@@ -226,6 +227,69 @@ def _sample(args: argparse.Namespace) -> int:
     )
     print(text)
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from labkit.inference import run_generate
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    result = run_generate(
+        args.prompt,
+        model=args.model,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        precision=args.precision,
+        compile=args.compile,
+        speculative=args.speculative,
+        device=args.device,
+        threads=args.threads,
+        on_text=show if args.stream else None,
+    )
+    print(result.text if not args.stream else "", flush=True)
+    if result.compile_seconds:
+        print(f"compile warm-up: {result.compile_seconds:.1f} s (not timed)", file=sys.stderr)
+    if result.speculative is not None:
+        spec = result.speculative
+        print(
+            f"prompt lookup: {spec.accepted} of {spec.proposed} draft tokens accepted "
+            f"(acceptance {spec.acceptance_rate:.0%}), {spec.forward_passes} forward passes",
+            file=sys.stderr,
+        )
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _add_generate_parser(commands: Any) -> None:
+    """``labkit generate``: its flags mirror ``labkit.inference.run_generate``'s arguments."""
+    generate = commands.add_parser(
+        "generate",
+        help="generate text with a packaged model, fast (static cache, compile, int8/int4)",
+        description="Generate text with a packaged model. The text goes to stdout; the last "
+        "line on stderr is 'N tokens in S s (X tokens/s)'.",
+    )
+    add = generate.add_argument
+    add("--model", default="smollm2-135m-instruct", choices=("smollm2-135m-instruct",),
+        help="packaged model (default: %(default)s)")  # fmt: skip
+    add("--prompt", required=True, help="text to continue, or the question with --chat")
+    add("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    how = generate.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    how.add_argument("--temperature", type=float, help="sample at this temperature")
+    add("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
+    add("--precision", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
+        help="weights: float32, bfloat16, or int8/int4 weight-only (default: fp32)")  # fmt: skip
+    add("--compile", action="store_true", help="torch.compile the decoding step (warm-up first)")
+    add("--speculative", choices=("none", "prompt-lookup"), default="none",
+        help="prompt-lookup drafts, greedy decoding's exact tokens (default: none)")  # fmt: skip
+    add("--device", default="auto", help="auto (default), cpu or cuda")
+    add("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    add("--stream", action="store_true", help="print the text while it is generated")
+    generate.set_defaults(run=_generate)
 
 
 def recipe_parser(name: str = "char-gpt") -> argparse.ArgumentParser:
@@ -474,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     sample.set_defaults(run=_sample)
+
+    _add_generate_parser(commands)
     return parser
 
 

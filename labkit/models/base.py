@@ -10,6 +10,9 @@ Conventions (the same as Hugging Face, so ids and masks carry over unchanged):
 * ``input_ids`` (B, T) int64 token ids.
 * ``attention_mask`` (B, past + T) of 1/True for real tokens, 0/False for padding, covering
   the cached positions and the new ones (left padding for batched generation).
+* ``cache``: ``model.new_cache()`` (a ``ModelCache`` that grows), or
+  ``model.new_cache(batch, max_len)`` (a pre-allocated ``StaticCache``, written in place;
+  ``causal_lm_inputs`` then builds the mask and positions from it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from labkit.nn.cache import ModelCache, StaticCache
 
 
 class CausalLMOutput(NamedTuple):
@@ -70,6 +75,8 @@ def check_input_ids(
         raise ValueError(
             f"{name} of shape {shape} is empty; give at least one sequence of at least one token"
         )
+    if torch.compiler.is_compiling():
+        return  # the checks below read values on the host: a compiled step feeds back its own ids
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(
@@ -101,11 +108,17 @@ def check_positions(positions: Tensor, batch: int, seq: int, max_len: int) -> No
 
 
 class CausalInputs(NamedTuple):
-    """What a decoder-only model's forward starts from (``causal_lm_inputs``)."""
+    """What a decoder-only model's forward starts from (``causal_lm_inputs``).
 
-    past: int  # tokens already in the cache
+    With a ``StaticCache``, ``mask`` is (B, 1, T, L), causal and padding in one (attention
+    runs with ``is_causal=False``), and ``new_real`` (B, T) bool marks the new real tokens: the
+    forward passes it to ``cache.advance`` after its layers. Otherwise ``new_real`` is None.
+    """
+
+    past: int  # tokens already in the cache (0 inside a compiled step on a static cache)
     mask: Tensor | None  # (B, 1, 1, past + T) bool, True = real key; None = no padding
     positions: Tensor  # (T,) or (B, T) position of each new token
+    new_real: Tensor | None = None
 
 
 def causal_lm_inputs(
@@ -127,6 +140,8 @@ def causal_lm_inputs(
             f"cache has {len(cache.layers)} layers, the model has n_layers={config.n_layers}: "
             "create it with model.new_cache()"
         )
+    if isinstance(cache, StaticCache):
+        return _static_cache_inputs(config, input_ids, attention_mask, positions, cache)
     past = 0 if cache is None else cache.seq_len
     check_input_ids(input_ids, config.vocab_size, config.max_len, past=past)
     batch, seq = input_ids.shape
@@ -150,6 +165,67 @@ def causal_lm_inputs(
     else:
         check_positions(positions, batch, seq, config.max_len)
     return CausalInputs(past, mask, positions.to(input_ids.device))
+
+
+def _static_cache_inputs(
+    config: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    positions: Tensor | None,
+    cache: StaticCache,
+) -> CausalInputs:
+    """``causal_lm_inputs`` for a ``StaticCache``: only the last T columns of
+    ``attention_mask`` are read (the cache remembers the past ones; None = no padding), and
+    positions count each row's real tokens in the cache. Inside ``torch.compile`` the checks
+    that need values on the host are skipped."""
+    compiling = torch.compiler.is_compiling()
+    past = 0 if compiling else cache.seq_len
+    check_input_ids(input_ids, config.vocab_size, cache.max_len, past=past)
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        new_real = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+    else:
+        if not compiling and attention_mask.shape != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask must be (batch, past + seq) = ({batch}, {past + seq}) for "
+                f"input_ids {tuple(input_ids.shape)} and {past} cached tokens, got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        new_real = attention_mask[:, -seq:].to(input_ids.device).bool()
+    mask, cache_positions = cache.prepare(new_real)  # (B, 1, T, L), (B, T)
+    if positions is None:
+        positions = cache_positions
+    elif not compiling:
+        check_positions(positions, batch, seq, config.max_len)
+    return CausalInputs(past, mask, positions.to(input_ids.device), new_real)
+
+
+def new_decoder_cache(
+    model: nn.Module,
+    n_kv_heads: int,
+    batch: int | None,
+    max_len: int | None,
+    dtype: torch.dtype | None,
+) -> ModelCache | StaticCache:
+    """A decoder-only model's ``new_cache``: a growing ``ModelCache`` when ``batch`` and
+    ``max_len`` are None, else a ``StaticCache`` of ``batch`` rows and ``max_len`` columns in
+    ``dtype`` (default: the dtype of the model's final norm, i.e. of its activations)."""
+    c = model.config
+    if batch is None and max_len is None:
+        return ModelCache.empty(c.n_layers)
+    if batch is None or max_len is None:
+        raise ValueError(
+            f"a static cache needs both batch and max_len, got batch={batch}, max_len={max_len}"
+        )
+    if max_len > c.max_len:
+        raise ValueError(
+            f"a static cache of max_len={max_len} exceeds the model's max_len={c.max_len}"
+        )
+    weight = model.norm.weight
+    return StaticCache(
+        c.n_layers, batch, max_len, n_kv_heads, c.d_model // c.n_heads,
+        dtype=weight.dtype if dtype is None else dtype, device=weight.device,
+    )  # fmt: skip
 
 
 def key_padding_mask(attention_mask: Tensor, k_len: int) -> Tensor:

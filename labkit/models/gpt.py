@@ -39,9 +39,10 @@ from labkit.models.base import (
     PresetModel,
     causal_lm_inputs,
     copy_weights,
+    new_decoder_cache,
     run_layers,
 )
-from labkit.nn.cache import ModelCache
+from labkit.nn.cache import ModelCache, StaticCache
 from labkit.nn.layers import EncoderLayer, LayerNorm
 from labkit.nn.positional import LearnedPositionalEmbedding
 
@@ -228,9 +229,15 @@ class GPT(nn.Module, PresetModel):
             nn.init.normal_(layer.self_attn.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(layer.ffn.down_proj.weight, mean=0.0, std=residual_std)
 
-    def new_cache(self) -> ModelCache:
-        """An empty KV cache, one ``KVCache`` per layer; use one per generated batch."""
-        return ModelCache.empty(self.config.n_layers)
+    def new_cache(
+        self, batch: int | None = None, max_len: int | None = None, *, dtype: Any = None
+    ) -> ModelCache | StaticCache:
+        """An empty KV cache, one ``KVCache`` per layer; use one per generated batch.
+
+        With ``batch`` and ``max_len``: a pre-allocated ``StaticCache`` for ``max_len``
+        positions (prompt + new tokens), in ``dtype`` (default the model's activations').
+        """
+        return new_decoder_cache(self, self.config.n_heads, batch, max_len, dtype)
 
     def forward(
         self,
@@ -252,7 +259,9 @@ class GPT(nn.Module, PresetModel):
             positions: (T,) or (B, T) position of each new token; default: counted over the
                 real tokens of ``attention_mask`` if given, else past, past + 1, ...
             cache: ``model.new_cache()``; the new keys/values are appended in place and the
-                new tokens attend over all cached ones (past = ``cache.seq_len``).
+                new tokens attend over all cached ones (past = ``cache.seq_len``). A
+                ``StaticCache`` (``model.new_cache(batch, max_len)``) is written in place
+                instead, and the positions count each row's real tokens in it.
             need_weights: also return each layer's attention weights (B, H, T, past + T).
             output_attentions: the same as ``need_weights`` (Hugging Face's name).
             output_hidden_states: also return the residual stream entering each layer and
@@ -264,7 +273,10 @@ class GPT(nn.Module, PresetModel):
         """
         c = self.config
         # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
-        past, mask, positions = causal_lm_inputs(c, input_ids, attention_mask, positions, cache)
+        past, mask, positions, new_real = causal_lm_inputs(
+            c, input_ids, attention_mask, positions, cache
+        )
+        static = new_real is not None  # a StaticCache: mask is (B, 1, T, L), causal included
 
         # (T, D) or (B, T, D) positions broadcast over the (B, T, D) token embeddings. The
         # table is indexed directly: LearnedPositionalEmbedding.forward takes one offset for
@@ -276,10 +288,12 @@ class GPT(nn.Module, PresetModel):
         stack = run_layers(
             self.layers, x,
             lambda i, layer, h: layer(
-                h, mask, is_causal=True, need_weights=need_weights, cache=caches[i]
+                h, mask, is_causal=not static, need_weights=need_weights, cache=caches[i]
             ),
             need_weights=need_weights, output_hidden_states=output_hidden_states,
         )  # fmt: skip
+        if static:
+            cache.advance(new_real)
         hidden = self.norm(stack.hidden)  # (B, T, D)
         # attentions: (B, H, T, past + T) per layer
         return CausalLMOutput(self.lm_head(hidden), hidden, stack.attentions, stack.hidden_states)

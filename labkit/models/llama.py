@@ -34,9 +34,10 @@ from labkit.models.base import (
     PresetModel,
     causal_lm_inputs,
     copy_weights,
+    new_decoder_cache,
     run_layers,
 )
-from labkit.nn.cache import ModelCache
+from labkit.nn.cache import ModelCache, StaticCache
 from labkit.nn.layers import EncoderLayer, RMSNorm
 from labkit.nn.positional import RotaryEmbedding, apply_rotary
 
@@ -269,9 +270,15 @@ class Llama(nn.Module, PresetModel):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def new_cache(self) -> ModelCache:
-        """An empty KV cache, one ``KVCache`` per layer."""
-        return ModelCache.empty(self.config.n_layers)
+    def new_cache(
+        self, batch: int | None = None, max_len: int | None = None, *, dtype: Any = None
+    ) -> ModelCache | StaticCache:
+        """An empty KV cache, one ``KVCache`` per layer.
+
+        With ``batch`` and ``max_len``: a pre-allocated ``StaticCache`` for ``max_len``
+        positions (prompt + new tokens), in ``dtype`` (default the model's activations').
+        """
+        return new_decoder_cache(self, self.config.n_kv_heads, batch, max_len, dtype)
 
     def forward(
         self,
@@ -292,7 +299,9 @@ class Llama(nn.Module, PresetModel):
                 batched generation), covering the cached positions and the new ones.
             positions: (T,) or (B, T) RoPE positions; default counts the real tokens of
                 ``attention_mask`` (``positions_from_mask``), else ``past, past + 1, ...``.
-            cache: ``model.new_cache()``; the new keys/values are appended in place.
+            cache: ``model.new_cache()``; the new keys/values are appended in place. A
+                ``StaticCache`` (``model.new_cache(batch, max_len)``) is written in place
+                instead, and the positions count each row's real tokens in it.
             need_weights: also return each layer's (B, H, T, past + T) attention weights.
             output_attentions: the same as ``need_weights`` (Hugging Face's name).
             output_hidden_states: also return the residual stream entering each layer and
@@ -304,7 +313,10 @@ class Llama(nn.Module, PresetModel):
         """
         c = self.config
         # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
-        past, mask, positions = causal_lm_inputs(c, input_ids, attention_mask, positions, cache)
+        past, mask, positions, new_real = causal_lm_inputs(
+            c, input_ids, attention_mask, positions, cache
+        )
+        static = new_real is not None  # a StaticCache: mask is (B, 1, T, L), causal included
         rotary = _Rotation(self.rotary, positions)  # cos/sin once for all layers
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
@@ -312,11 +324,13 @@ class Llama(nn.Module, PresetModel):
         stack = run_layers(
             self.layers, x,
             lambda i, layer, h: layer(
-                h, mask, is_causal=True, need_weights=need_weights, rotary=rotary,
+                h, mask, is_causal=not static, need_weights=need_weights, rotary=rotary,
                 positions=positions, cache=None if cache is None else cache.layers[i],
             ),
             need_weights=need_weights, output_hidden_states=output_hidden_states,
         )  # fmt: skip
+        if static:
+            cache.advance(new_real)
         x = self.norm(stack.hidden)  # (B, T, D)
         return CausalLMOutput(self.lm_head(x), x, stack.attentions, stack.hidden_states)
 

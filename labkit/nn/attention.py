@@ -192,9 +192,6 @@ def _sdpa_backend(
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
         )
-    groups = q.shape[-3] // k.shape[-3]
-    k = k.repeat_interleave(groups, dim=-3)  # (B, H, k_len, d_k)
-    v = v.repeat_interleave(groups, dim=-3)  # (B, H, k_len, d_k)
     mask = _combine_masks(mask, is_causal, q_len, k_len, q.device)
     # Fused kernels may return NaN for queries with no key left: let them attend to every
     # key (finite, harmless) and zero their output afterwards, as the math backend does.
@@ -203,7 +200,9 @@ def _sdpa_backend(
         mask = mask | dead
     else:
         mask = mask.masked_fill(dead, 0.0).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True
+    )
     return out.masked_fill(dead, 0.0)
 
 
@@ -326,15 +325,15 @@ class MultiHeadAttention(nn.Module):
         )
 
         batch, q_len, _ = query.shape
-        past = 0 if cache is None else cache.seq_len
         q = self._split_heads(self.q_proj(query), self.n_heads)  # (B, H, q_len, d_k)
-        if cache is not None and not self_attention and past > 0:
+        if cache is not None and not self_attention and cache.seq_len > 0:
             k, v = cache.k, cache.v  # memory already projected on the first call
         else:
             k = self._split_heads(self.k_proj(key), self.n_kv_heads)  # (B, H_kv, T, d_k)
             v = self._split_heads(self.v_proj(value), self.n_kv_heads)  # (B, H_kv, T, d_k)
             if rotary is not None:
                 if positions is None:
+                    past = 0 if cache is None else cache.seq_len
                     positions = torch.arange(past, past + q_len, device=query.device)
                 q, k = rotary(q, k, positions)
             if cache is not None:

@@ -11,9 +11,9 @@ holds small functions that *measure* the usual levers on a labkit decoder (``GPT
   ``memory_estimate`` computes both; the tests check them against the bytes really held. Grouped
   -query attention (``n_kv_heads < n_heads``) shrinks the cache by ``n_heads / n_kv_heads``.
 * **Precision.** ``to_bf16`` halves the weights (bfloat16 keeps float32's range, fewer mantissa
-  bits); ``quantize_int8`` stores each ``nn.Linear`` weight matrix as int8 plus one float scale
-  per output row (``Int8Linear``, 4x smaller than float32). ``model_size_bytes`` measures
-  either by serialising the ``state_dict``, so int8 buffers and packed weights count too.
+  bits); int8 and int4 weights are made in ``labkit.inference.quant``. ``model_size_bytes``
+  measures any of them by serialising the ``state_dict``, so int8 buffers and packed weights
+  count too.
 * **Quality.** ``perplexity`` = exp(mean next-token cross-entropy) over a long text, evaluated
   with a sliding window (Hugging Face's strided evaluation) so every token is scored once, with
   at least ``block_size - stride`` tokens of context after the first window.
@@ -30,7 +30,6 @@ import copy
 import io
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from labkit.device import model_device
 from labkit.generation import generate
+from labkit.inference.quant import quantize, quantize_int8
 
 # ----------------------------------------------------------------------------------------------
 # Memory
@@ -146,105 +146,6 @@ def model_size_bytes(model: nn.Module) -> int:
 def to_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of ``model`` in eval mode (the original is left unchanged)."""
     return copy.deepcopy(model).to(torch.bfloat16).eval()
-
-
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights: ``W ≈ scale[:, None] * weight``, one scale per row.
-
-    Symmetric per-output-channel quantization: row i is divided by ``scale[i] = max|W[i]| /
-    127`` and rounded to an integer in [-127, 127], so the largest weight of each row is exact
-    and the others are off by at most ``scale[i] / 2``. The forward pass is "weight-only": the
-    int8 matrix is converted to the input's dtype and the per-row scale applied to the output,
-    ``y = (x @ weight^T) * scale + bias``, so activations stay float (full precision).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features))  # (out,) float32
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantize a float ``nn.Linear`` (same device; the bias stays float)."""
-        w = linear.weight.detach().float()  # (out, in)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,)
-        module.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        module.scale = scale
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone())
-        return module.to(w.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., in) -> (..., out)."""
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
-
-
-def _tied_linears(model: nn.Module) -> set[str]:
-    """Names of the ``nn.Linear`` modules whose weight is shared with another module."""
-    owners: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
-    return {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and owners[id(module.weight)] > 1
-    }
-
-
-def quantize_int8(
-    model: nn.Module, *, mode: str = "weight-only", skip_tied: bool = True
-) -> nn.Module:
-    """An int8 copy of ``model`` (eval mode): every ``nn.Linear`` weight stored in 8 bits.
-
-    Storage drops 4x from float32 for those matrices; embeddings and norms stay float.
-
-    mode:
-        "weight-only": each Linear becomes an ``Int8Linear`` (per-row scales, float
-            activations). Near-lossless, pure PyTorch, any device. The weights are converted
-            back to float inside every call, so without a fused kernel it saves memory, not time.
-        "dynamic": ``torch.ao.quantization.quantize_dynamic`` with per-channel int8 weights;
-            each input is also quantized to 8 bits on the fly (one scale per tensor) and the
-            matmul runs in int8 (fbgemm / oneDNN kernels: CPU only). Fast, but an LLM's
-            activations have outlier features that one 8-bit scale per tensor cannot hold: on
-            SmolLM2 the SwiGLU ``down_proj`` input wrecks perplexity (the problem LLM.int8()
-            solves). PyTorch deprecates ``torch.ao.quantization`` in favour of torchao (it
-            still works in torch 2.13; the warning is silenced here).
-
-    torchao's ``quantize_(model, Int8WeightOnlyConfig())`` is the supported production
-    version of "weight-only" (``pip install torchao``), with fused kernels.
-
-    skip_tied: leave a Linear whose weight is shared (an LM head tied to the embedding) in
-        float: quantizing it would add an int8 copy next to the float embedding it must keep.
-    """
-    if mode not in ("weight-only", "dynamic"):
-        raise ValueError(f"mode must be 'weight-only' or 'dynamic', got {mode!r}")
-    if mode == "dynamic" and model_device(model).type != "cpu":
-        raise ValueError(
-            f"mode='dynamic' quantizes for the CPU only; the model is on {model_device(model)}"
-        )
-    targets = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    if skip_tied:
-        targets -= _tied_linears(model)
-    model = copy.deepcopy(model).float().eval()
-    if mode == "dynamic":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*(deprecated|will be removed)")
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            spec = dict.fromkeys(targets, per_channel_dynamic_qconfig)
-            return quantize_dynamic(model, spec, dtype=torch.qint8)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +388,8 @@ def compare_precisions(
 
     input_ids: (T,) or (1, T) prompt for the speed test; eval_ids: (N,) held-out tokens for
     ``perplexity(block_size, stride)``; precisions: some of "fp32", "bf16", "int8"
-    (``quantize_int8`` weight-only) and "int8-dynamic" (``mode="dynamic"``, CPU only).
+    (``quantize_int8`` weight-only), "int8-dynamic" (``mode="dynamic"``, CPU only) and "int4"
+    (``quantize(model, "int4")``, groups of 32, CPU only).
 
     Columns (one row per precision): weights_bytes (``model_size_bytes``), tokens_per_s,
     perplexity, same_tokens (how many leading greedy tokens equal the first precision's).
@@ -497,6 +399,7 @@ def compare_precisions(
         "bf16": to_bf16,
         "int8": quantize_int8,
         "int8-dynamic": lambda m: quantize_int8(m, mode="dynamic"),
+        "int4": lambda m: quantize(m, "int4"),
     }
     unknown = [name for name in precisions if name not in convert]
     if unknown or not precisions:
@@ -522,7 +425,6 @@ def compare_precisions(
 
 __all__ = [
     "GenerationTiming",
-    "Int8Linear",
     "MemoryEstimate",
     "Timing",
     "compare_precisions",
@@ -532,7 +434,6 @@ __all__ = [
     "model_size_bytes",
     "parameter_count",
     "perplexity",
-    "quantize_int8",
     "throughput_vs_batch",
     "time_call",
     "time_generation",
