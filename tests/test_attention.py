@@ -429,7 +429,7 @@ def test_backends_agree_on_fully_masked_queries(device):
 def test_sdpa_backend_survives_kernels_that_return_nan_for_fully_masked_rows(monkeypatch, device):
     # torch >= 2.5 zeroes such rows itself; older kernels used a plain softmax, whose all -inf
     # rows are NaN in the forward and poison the backward. Emulate one.
-    def unsafe_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    def unsafe_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1) @ v
 

@@ -111,7 +111,7 @@ def test_int8_linear_equals_the_dequantized_matmul(fused, monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(96, 48)
     q = Int8Linear.from_linear(linear)
-    x = torch.randn(2, 5, 96)
+    x = torch.randn(2, 3, 96)
     reference = x @ q.dequantized().T + linear.bias  # (2, 5, 48)
     with torch.no_grad():
         torch.testing.assert_close(q(x), reference, rtol=1e-5, atol=1e-5)
@@ -131,10 +131,14 @@ def test_int4_linear_equals_the_dequantized_matmul():
         # 16 levels per group: each weight within half a step of the original
         step = scale.repeat_interleave(group_size, 1)
         assert ((dequantized - linear.weight).abs() <= step / 2 + 1e-6).all()
-        x = torch.randn(3, 7, 128)
+        x = torch.randn(2, 4, 128)  # few rows: the float32 kernel
         with torch.no_grad():
             torch.testing.assert_close(
                 layer(x), x @ dequantized.T + linear.bias, rtol=1e-5, atol=1e-5
+            )
+            many = torch.randn(20, 128)  # more than FEW_ROWS: multiplied in bfloat16
+            torch.testing.assert_close(
+                layer(many), many @ dequantized.T + linear.bias, rtol=2e-2, atol=5e-2
             )
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (64, 64)  # 2 per byte
 
@@ -207,7 +211,7 @@ def test_compiled_step_is_traced_once_then_never_again(kind):
     model = _tiny(kind)
     ids, mask = _padded_batch()
     expected = generate(model, ids, mask, max_new_tokens=12)
-    fast = FastLM(model, compile=True, backend="eager")
+    fast = FastLM(model, compile=True, backend="eager", draft_tokens=4)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     fast.warm_up(batch=2, max_len=ids.shape[1] + 12)
@@ -221,7 +225,14 @@ def test_compiled_step_is_traced_once_then_never_again(kind):
         generate(model, ids, mask, max_new_tokens=8, do_sample=True, seed=3).new_tokens,
     )
     assert _graphs_compiled() == 1
-    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
+    # speculative checks: one more graph (1 + draft_tokens columns), whatever the draft length
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 5, 6]])
+    greedy = generate(model, prompt, max_new_tokens=12)
+    fast.warm_up(batch=1, max_len=prompt.shape[1] + 12, speculative=True)
+    compiled = _graphs_compiled()
+    spec = fast.generate(prompt, max_new_tokens=12, speculative="prompt-lookup", draft_tokens=4)
+    assert torch.equal(spec.new_tokens, greedy.new_tokens)
+    assert spec.speculative.proposed > 0 and _graphs_compiled() == compiled
 
 
 def test_inductor_step_gives_the_reference_tokens():
@@ -259,11 +270,15 @@ def test_cuda_graph_step_gives_the_reference_tokens():
     assert torch.equal(out.new_tokens, expected.new_tokens)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_fast_path_decodes_batches_like_its_eager_model(precision):
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [("int8", torch.float32), ("int4", torch.float32), ("int8", torch.bfloat16)],
+)
+def test_quantized_fast_path_decodes_batches_like_its_eager_model(precision, dtype):
     model = _tiny("llama")
     ids, mask = _padded_batch()
-    fast = FastLM(model, precision=precision)
+    fast = FastLM(model, precision=precision, dtype=dtype)
+    assert fast.model.lm_head(torch.zeros(1, 64, dtype=dtype)).dtype == dtype  # activations
     expected = generate(fast.model, ids, mask, max_new_tokens=10)  # same weights, growing cache
     out = fast.generate(ids, attention_mask=mask, max_new_tokens=10)
     assert torch.equal(out.new_tokens, expected.new_tokens)
@@ -295,8 +310,7 @@ def test_prompt_lookup_copies_what_followed_the_last_ngram():
         prompt_lookup_draft(tokens[None])
 
 
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize(("kind", "static"), [("gpt", False), ("llama", True)])
 def test_speculative_decoding_gives_the_greedy_tokens(kind, static):
     model = _tiny(kind)
     prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 5, 6]])

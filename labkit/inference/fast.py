@@ -12,8 +12,9 @@ The ideas are those of PyTorch's gpt-fast, on labkit's own models:
    in, logits out" over the static cache, with ``fullgraph=True`` and ``dynamic=False``: every
    step has the same shapes, so it compiles once per cache size and never again (the tests
    check ``torch._dynamo``'s counters). On CUDA it uses ``mode="reduce-overhead"``: CUDA
-   graphs replay the whole step as one launch. The prompt (prefill) and speculative checks
-   (several tokens at once) run eagerly.
+   graphs replay the whole step as one launch. A speculative check (1 + k tokens) is padded
+   to 1 + ``draft_tokens`` columns, so it is one more compiled graph whatever k is. The
+   prompt (prefill) runs eagerly.
 
 ``FastLM(model, ...)`` is itself a model (``config``, ``new_cache``, ``forward``), so
 ``labkit.generation.generate(fast, ids, static_cache=True, ...)`` works with greedy decoding,
@@ -84,6 +85,8 @@ class FastLM(nn.Module):
     compile: compile the single-token step (inductor; CUDA graphs on CUDA).
     cache_block: the static cache's length is prompt + new tokens rounded up to this, so
         generations of similar length share one cache and one compiled step.
+    draft_tokens: the longest speculative draft the compiled check takes (generation's
+        ``draft_tokens`` should not exceed it; longer checks run eagerly).
     backend: ``torch.compile``'s backend: ``"inductor"`` generates fused kernels;
         ``"eager"`` only traces (graph capture and guards without code generation, which is
         how the tests check recompilation quickly).
@@ -103,6 +106,7 @@ class FastLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         cache_block: int = 256,
         backend: str = "inductor",
+        draft_tokens: int = 8,
     ) -> None:
         super().__init__()
         config = getattr(model, "config", None)
@@ -115,13 +119,14 @@ class FastLM(nn.Module):
         self.model = convert(model, precision, group_size=group_size, dtype=dtype)
         self.precision = precision
         self.cache_block = cache_block
+        self.draft_tokens = draft_tokens
         self._cache: StaticCache | None = None
         self._cuda_graphs = compile and model_device(self.model).type == "cuda"
         self._step = None
         if compile:
             mode = "reduce-overhead" if self._cuda_graphs and backend == "inductor" else None
             self._step = torch.compile(
-                self._decode_one, fullgraph=True, dynamic=False, mode=mode, backend=backend
+                self._decode, fullgraph=True, dynamic=False, mode=mode, backend=backend
             )
 
     @property
@@ -155,8 +160,9 @@ class FastLM(nn.Module):
             cache.reset()
         return cache
 
-    def _decode_one(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 1) ids -> logits (B, 1, V) and hidden (B, 1, D); the compiled step."""
+    def _decode(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, W) ids -> logits (B, W, V) and hidden (B, W, D) on the static cache: the
+        compiled step (W = 1 for decoding, 1 + ``draft_tokens`` for a speculative check)."""
         out = self.model(input_ids, cache=self._cache)
         return out.logits, out.hidden
 
@@ -168,35 +174,55 @@ class FastLM(nn.Module):
         cache: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutput:
-        """The wrapped model's forward; one token per row on this model's static cache (after
-        the prompt) goes through the compiled step."""
+        """The wrapped model's forward, through the compiled step for T <= 1 + draft_tokens
+        real new tokens per row on this model's static cache after the prompt.
+
+        T = 1 is a decoding step. 1 < T <= 1 + ``draft_tokens`` (a speculative check) is
+        padded to 1 + ``draft_tokens`` columns with copies of the last token, so one compiled
+        graph serves every draft length; the padding's logits are dropped and its cache
+        columns forgotten (``truncate``), so the result is that of the T tokens alone.
+        """
+        seq = input_ids.shape[1]
         fast = (
             self._step is not None
             and cache is not None
             and cache is self._cache
-            and input_ids.shape[1] == 1
+            and seq <= 1 + self.draft_tokens
             and not kwargs
+            and (attention_mask is None or bool(attention_mask[:, -seq:].all()))
             and cache.seq_len > 0
         )
         if not fast:
             return self.model(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+        past = cache.seq_len
+        width = 1 if seq == 1 else 1 + self.draft_tokens
+        # a fresh contiguous (B, width): a column sliced from the growing sequence has a stride
+        # that changes every step, and the compiled graph is specialised on strides
+        ids = input_ids[:, -1:].repeat(1, width)
+        ids[:, :seq] = input_ids
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        # a fresh contiguous (B, 1): a column sliced from the growing sequence has a stride
-        # that changes every step, and the compiled graph is specialised on strides
-        logits, hidden = self._step(input_ids.clone(memory_format=torch.contiguous_format))
+        logits, hidden = self._step(ids)
+        logits, hidden = logits[:, :seq], hidden[:, :seq]
         if self._cuda_graphs:  # the graph's outputs are overwritten by its next replay
             logits, hidden = logits.clone(), hidden.clone()
+        if width > seq:
+            cache.truncate(past + seq)
         return CausalLMOutput(logits, hidden, None, None)
 
-    def warm_up(self, batch: int = 1, max_len: int = 256) -> float:
-        """Compile the step for this cache size now (a few dummy steps); returns seconds."""
+    def warm_up(self, batch: int = 1, max_len: int = 256, speculative: bool = False) -> float:
+        """Compile the step for this cache size now (a few dummy steps), and with
+        ``speculative`` the check of 1 + ``draft_tokens`` tokens too; returns seconds."""
         start = time.perf_counter()
         with torch.inference_mode():
             cache = self.new_cache(batch=batch, max_len=max_len)
             ids = torch.zeros(batch, 1, dtype=torch.long, device=model_device(self.model))
             for _ in range(4 if self._cuda_graphs else 3):  # prefill, then compiled steps
                 self(ids, cache=cache)
+            if speculative and cache.max_len >= 4 + self.draft_tokens:
+                for _ in range(3 if self._cuda_graphs else 1):
+                    self(ids.repeat(1, 1 + self.draft_tokens), cache=cache)
+                    cache.truncate(3)
             cache.reset()
         return time.perf_counter() - start
 
@@ -320,13 +346,18 @@ def run_generate(
             model, precision=precision, compile=compile, device=device, threads=threads
         )
     text = chat_prompt(tokenizer, prompt) if chat else prompt
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, speculative=speculative)
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, speculative=speculative, draft_tokens=fast.draft_tokens
+    )
     if temperature is not None:
         options |= dict(do_sample=True, temperature=temperature, top_p=top_p)
     elif top_p is not None:
         raise ValueError("top_p samples: give a temperature too (greedy decoding has no top_p)")
     n_prompt = len(tokenizer.encode(text, add_special_tokens=False))
-    compile_seconds = fast.warm_up(1, n_prompt + max_new_tokens - 1) if fast.compiled else 0.0
+    compile_seconds = 0.0
+    if fast.compiled:
+        length = n_prompt + max_new_tokens - 1
+        compile_seconds = fast.warm_up(1, length, speculative=speculative != "none")
     start = time.perf_counter()
     pieces, shown = fast.stream(text, tokenizer, **options), []
     for piece in pieces:

@@ -47,10 +47,21 @@ QUANTIZED = ("int8", "int4")
 # ----------------------------------------------------------------------------------------------
 
 
+# The CPU kernels' float32 paths read the weights once per row of x: right for decoding
+# (a few rows), M times slower than a matmul for a prompt or a perplexity window. Above this
+# many rows, float32 inputs take another route (see Int8Linear / Int4Linear.forward).
+FEW_ROWS = 8
+
+
 def _fused_int8(x: Tensor) -> bool:
-    """Whether ``_weight_int8pack_mm`` takes ``x``: CPU or Apple MPS, and (torch 2.13 on the
-    CPU crashes otherwise) 16-bit activations only with K a multiple of 8."""
-    return x.device.type in ("cpu", "mps") and (x.dtype == torch.float32 or x.shape[-1] % 8 == 0)
+    """Whether ``_weight_int8pack_mm`` should take ``x`` (M, K): CPU or Apple MPS; float32 only
+    for at most ``FEW_ROWS`` rows; 16-bit only with K a multiple of 8 (torch 2.13's CPU
+    kernel crashes otherwise)."""
+    if x.device.type not in ("cpu", "mps"):
+        return False
+    if x.dtype == torch.float32:
+        return x.shape[0] <= FEW_ROWS
+    return x.shape[-1] % 8 == 0
 
 
 class Int8Linear(nn.Module):
@@ -60,7 +71,9 @@ class Int8Linear(nn.Module):
     127`` and rounded to an integer in [-127, 127], so the largest weight of each row is exact
     and the others are off by at most ``scale[i] / 2``. The forward pass is weight-only: the
     activations stay float, ``y = (x @ weight^T) * scale + bias``, computed on the CPU by the
-    fused kernel ``torch.ops.aten._weight_int8pack_mm`` (int8 read, converted in registers).
+    fused kernel ``torch.ops.aten._weight_int8pack_mm`` (int8 read, converted in registers)
+    for decoding; float32 inputs of more than ``FEW_ROWS`` rows (a prompt) convert the matrix
+    and run one matmul instead (the kernel's float32 path reads the weights once per row).
     ``scale`` is kept in the model's float dtype (the kernel wants the activations' dtype), so
     ``.to(torch.bfloat16)`` gives bfloat16 activations.
     """
@@ -98,9 +111,9 @@ class Int8Linear(nn.Module):
         """(..., K) -> (..., N), in x's dtype."""
         flat = x.reshape(-1, self.in_features)  # (M, K)
         scale = self.scale.to(x.dtype)
-        if _fused_int8(x):
+        if _fused_int8(flat):
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, scale)
-        else:  # no int8 kernel here: torch.compile fuses this conversion into the matmul
+        else:  # many rows, or no kernel: convert, then one matmul (torch.compile fuses them)
             y = F.linear(flat, self.weight.to(x.dtype)) * scale
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -177,8 +190,10 @@ class Int4Linear(nn.Module):
     Buffers: ``weight`` (N, K / 2) uint8, two 4-bit values per byte in the layout of
     ``_convert_weight_to_int4pack_for_cpu``; ``scale_zeros`` (G, N, 2): per group its scale
     and ``minimum + 8 * scale`` (the kernel computes ``(q - 8) * scale + zero``, the same
-    number as ``q * scale + minimum``). Forward: ``_weight_int4pack_mm_for_cpu``, activations
-    in ``scale_zeros``' dtype (float32 or bfloat16). The kernel needs N divisible by 16.
+    number as ``q * scale + minimum``). Forward: ``_weight_int4pack_mm_for_cpu`` in the input's
+    dtype, except float32 inputs of more than ``FEW_ROWS`` rows (a prompt, a perplexity
+    window), which it multiplies in bfloat16: its float32 path reads the weights once per row.
+    The kernel needs N divisible by 16.
     """
 
     def __init__(
@@ -214,9 +229,11 @@ class Int4Linear(nn.Module):
         if x.device.type != "cpu":
             raise ValueError(_int4_device_error(x.device))
         flat = x.reshape(-1, self.in_features).contiguous()  # (M, K)
+        if flat.dtype == torch.float32 and flat.shape[0] > FEW_ROWS:
+            flat = flat.bfloat16()  # the kernel's bfloat16 path reads the weights once per call
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.weight, self.group_size, self.scale_zeros.to(x.dtype)
-        )
+            flat, self.weight, self.group_size, self.scale_zeros.to(flat.dtype)
+        ).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -180,7 +180,7 @@ def _static_cache_inputs(
     that need values on the host are skipped."""
     compiling = torch.compiler.is_compiling()
     past = 0 if compiling else cache.seq_len
-    check_input_ids(input_ids, config.vocab_size, cache.max_len, past=past)
+    check_input_ids(input_ids, config.vocab_size)  # the cache checks its length (prepare)
     batch, seq = input_ids.shape
     if attention_mask is None:
         new_real = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
