@@ -123,6 +123,7 @@ class FastLM(nn.Module):
         self._cache: StaticCache | None = None
         self._cuda_graphs = compile and model_device(self.model).type == "cuda"
         self._step = None
+        self.eval()  # for inference only; the compiled graph is specialised on eval mode
         if compile:
             mode = "reduce-overhead" if self._cuda_graphs and backend == "inductor" else None
             self._step = torch.compile(
