@@ -17,11 +17,12 @@ never exists in memory.
   compare the kernel with them).
 * ``Int8Embedding``: token embedding rows as int8 with one scale per token.
 * ``quantize(model, "int8" | "int4")``: a quantized copy of a decoder-only model (``GPT``,
-  ``Llama``). **The tied embedding is handled explicitly**: with int8 the LM head and the
-  token embedding are one ``Int8Linear`` (the embedding looks rows up in it), so the matrix
-  is still stored once; with int4 the head is packed for the kernel, which cannot look rows
-  up, so the embedding gets its own int8 copy of the same float matrix. An untied embedding
-  stays float (a token reads one row of it).
+  ``Llama``). **The tied embedding is handled explicitly**: the LM head and the token
+  embedding stay one matrix, an ``Int8Linear`` (the embedding looks rows up in it), in int4
+  mode too: the packed int4 layout cannot be looked up by row, and the output matrix is the
+  most sensitive one (llama.cpp's 4-bit formats also keep it at higher precision). An
+  untied head is quantized like the other matrices; an untied embedding stays float (a token
+  reads one row of it).
 * ``quantize_int8(model, mode=...)``: int8 for any model's ``nn.Linear`` layers (weight-only,
   or ``torch.ao`` dynamic quantization), leaving a tied head float.
 
@@ -282,9 +283,8 @@ def quantize(model: nn.Module, precision: str, *, group_size: int = 32) -> nn.Mo
 
     precision: ``"int8"`` (``Int8Linear``) or ``"int4"`` (``Int4Linear`` in groups of
     ``group_size``, CPU only). The activations keep the model's float dtype (quantize a
-    bfloat16 model for bfloat16 activations). The LM head is quantized like every other
-    matrix; how its tied embedding is kept is in the module docstring. The original model is
-    left unchanged.
+    bfloat16 model for bfloat16 activations). A tied LM head and embedding become one int8
+    matrix (see the module docstring). The original model is left unchanged.
     """
     if precision not in QUANTIZED:
         raise ValueError(f"precision must be one of {QUANTIZED}, got {precision!r}")
@@ -308,21 +308,17 @@ def quantize(model: nn.Module, precision: str, *, group_size: int = 32) -> nn.Mo
     ]
     model = copy.deepcopy(model).eval()
     quantized = {}
-    for name in linears:
+    for name in linears.keys() - ({"lm_head"} if tied else set()):
         linear = model.get_submodule(name)
         quantized[name] = (
             Int8Linear.from_linear(linear)
             if precision == "int8"
             else Int4Linear.from_linear(linear, group_size)
         )
-    for name in tied:  # the same float matrix as lm_head: see the module docstring
-        table = quantized["lm_head"] if precision == "int8" else None
-        embedding = model.get_submodule(name)
-        _replace(
-            model,
-            name,
-            Int8Embedding(table) if table is not None else Int8Embedding.from_embedding(embedding),
-        )
+    if tied:  # one int8 matrix for the tied head and embedding: see the module docstring
+        quantized["lm_head"] = Int8Linear.from_linear(model.get_submodule("lm_head"))
+        for name in tied:
+            _replace(model, name, Int8Embedding(quantized["lm_head"]))
     for name, module in quantized.items():
         _replace(model, name, module)
     return model
