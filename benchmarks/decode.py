@@ -1,0 +1,282 @@
+"""Decoding speed against the hardware limit: labkit's paths vs ``transformers`` vs llama.cpp.
+
+One run, one prompt (SmolLM2-135M-Instruct's chat template around ``PROMPT``), greedy decoding
+of exactly ``--new-tokens`` tokens at batch 1, every row timed in the same process except
+llama.cpp (a child process in its own virtual environment). The rows alternate for
+``--rounds`` rounds (reversed order every other round) and each figure is the median, so a
+load that comes and goes hits every row alike. Columns:
+
+* tokens/s (wall clock, prompt included) and CPU s per generation (``time.process_time``, all
+  threads of the process);
+* weight bytes read per token: every parameter and buffer a decoding step multiplies with,
+  each stored tensor once (the token embedding is a row lookup and not counted, unless it is
+  the tied LM head);
+* the roofline: decoding one token reads all those bytes, so tokens/s can be at most
+  ``bandwidth / bytes per token``; the bandwidth is measured here (a STREAM-like copy of a
+  tensor far larger than the caches, ``copy_bandwidth``) and the last column is the fraction
+  of that ceiling a row reaches;
+* exact: whether the row's tokens equal ``transformers``' greedy tokens (fp32 rows should;
+  other precisions change the arithmetic and say how many leading tokens agree).
+
+labkit's rows use ``labkit.inference.FastLM`` (static KV cache, optional ``torch.compile`` of
+the decoding step, fp32 / bf16 / int8 / int4 weights, prompt-lookup speculative decoding)
+next to the plain ``labkit.generation.generate`` with its growing cache. llama.cpp runs the
+packaged GGUF file itself (Q4_1) through ``llama-cpp-python``, which is not a dependency of
+this project: install it into a separate environment (it compiles llama.cpp, several minutes)
+and pass its interpreter::
+
+    python3 -m venv /work/venv-llamacpp
+    /work/venv-llamacpp/bin/pip install llama-cpp-python
+    python benchmarks/decode.py --llama-python /work/venv-llamacpp/bin/python
+
+    python benchmarks/decode.py                        # CPU, 128 tokens, all threads
+    python benchmarks/decode.py --threads 1 --rounds 3 # a shared machine
+    python benchmarks/decode.py --rows transformers labkit-eager fp32 --new-tokens 32
+
+On a machine with CUDA, ``--device cuda`` times the same rows on the GPU (int4, a CPU kernel,
+is skipped there); without CUDA the GPU rows are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from labkit.generation import generate
+from labkit.inference import FastLM
+from labkit.models.pretrained import load, smollm2_gguf
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# labkit's FastLM rows: name -> (precision, compile, speculative)
+FAST_ROWS = {
+    "fp32": ("fp32", False, "none"),
+    "fp32-compile": ("fp32", True, "none"),
+    "fp32-compile-lookup": ("fp32", True, "prompt-lookup"),
+    "bf16-compile": ("bf16", True, "none"),
+    "int8-compile": ("int8", True, "none"),
+    "int4-compile": ("int4", True, "none"),
+}
+ROWS = ("transformers", "labkit-eager", *FAST_ROWS, "llama.cpp")
+
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+a = json.loads(sys.argv[1])
+llm = Llama(model_path=a["gguf"], n_threads=a["threads"], n_ctx=1024, verbose=False)
+def run():
+    out = []
+    for token in llm.generate(a["ids"], top_k=1, temp=0.0, reset=True):
+        out.append(token)
+        if len(out) == a["n"]:
+            return out
+run()  # warm-up
+wall, cpu = time.perf_counter(), time.process_time()
+tokens = run()
+print(json.dumps({"tokens": tokens, "wall": time.perf_counter() - wall,
+                  "cpu": time.process_time() - cpu}))
+"""
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 10, device: str = "cpu") -> float:
+    """Memory bandwidth in bytes/s: the best of ``repeats`` copies of a float32 tensor of
+    ``megabytes`` (far beyond the caches), counting the bytes read and the bytes written.
+    The best copy is the one least disturbed by other processes (wall clock, torch's threads)."""
+    n = megabytes * 2**20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.zeros_like(src)  # touched: no page faults inside the timed copies
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of the tensors one decoding step multiplies with: every parameter and buffer of
+    every module except embedding tables (a step reads one row of those), each storage once,
+    so a tied LM head counts its matrix once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if "Embedding" in type(module).__name__:
+            continue
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for tensor in tensors:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class Row:
+    """One implementation: how to generate, what it reads per token, what it measured."""
+
+    name: str
+    run: Callable[[], list[int]]
+    bytes_per_token: int
+    compile_s: float = 0.0
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def timed(run: Callable[[], list[int]]) -> tuple[list[int], float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = run()
+    return tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo").read().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--llama-python", help="python of an environment with llama-cpp-python")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA: torch sees no GPU on this machine; the GPU rows are skipped.")
+        return 0
+    if args.device == "cpu" and not torch.cuda.is_available():
+        print("CUDA: no GPU on this machine; GPU rows (--device cuda) skipped.")
+    device = torch.device(args.device)
+
+    print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads")
+    bandwidth = copy_bandwidth(device=str(device))
+    print(f"measured memory bandwidth (copy of 512 MiB): {bandwidth / 1e9:.1f} GB/s")
+
+    pretrained = load("smollm2-135m-instruct", reference="transformers" in args.rows)
+    model, tokenizer = pretrained.model.to(device).eval(), pretrained.tokenizer
+    messages = [{"role": "user", "content": PROMPT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    n = args.new_tokens
+    print(f"prompt: {ids.shape[1]} tokens; {n} new tokens, greedy, batch 1")
+    options = dict(max_new_tokens=n, min_new_tokens=n)
+
+    rows: list[Row] = []
+    for name in args.rows:
+        if name == "transformers":
+            hf = pretrained.reference.to(device)
+
+            def run_hf(hf=hf) -> list[int]:
+                with torch.inference_mode():
+                    out = hf.generate(ids, do_sample=False, **options)
+                return out[0, ids.shape[1] :].tolist()
+
+            rows.append(Row(name, run_hf, weight_bytes_per_token(hf)))
+        elif name == "labkit-eager":
+
+            def run_eager() -> list[int]:
+                with torch.inference_mode():
+                    return generate(model, ids, **options).new_tokens[0].tolist()
+
+            rows.append(Row("labkit eager fp32", run_eager, weight_bytes_per_token(model)))
+        elif name == "llama.cpp":
+            if args.llama_python is None:
+                print("llama.cpp: skipped (pass --llama-python, see the docstring)")
+                continue
+            gguf = smollm2_gguf()
+            payload = {"gguf": str(gguf), "ids": ids[0].tolist(), "n": n, "threads": args.threads}
+
+            def run_llama(payload=payload) -> list[int]:
+                done = subprocess.run(
+                    [args.llama_python, "-c", LLAMA_CPP, json.dumps(payload)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                run_llama.inner = (result["wall"], result["cpu"])
+                return result["tokens"]
+
+            row = Row("llama.cpp Q4_1 (GGUF)", run_llama, gguf.stat().st_size)
+            row.note = "bytes: the whole GGUF file"
+            rows.append(row)
+        else:
+            precision, compiled, speculative = FAST_ROWS[name]
+            if precision == "int4" and device.type != "cpu":
+                print(f"{name}: skipped (int4's kernel is CPU-only)")
+                continue
+            fast = FastLM(model, precision=precision, compile=compiled)
+            compile_s = fast.warm_up(1, ids.shape[1] + n, speculative=speculative != "none")
+
+            def run_fast(fast=fast, speculative=speculative) -> list[int]:
+                with torch.inference_mode():
+                    out = fast.generate(ids, speculative=speculative, **options)
+                return out.new_tokens[0].tolist()
+
+            label = f"labkit {precision} static cache" + (" + compile" if compiled else "")
+            label += " + prompt lookup" if speculative != "none" else ""
+            rows.append(Row(label, run_fast, weight_bytes_per_token(fast.model), compile_s))
+
+    for row in rows:  # warm-up (and the reference tokens)
+        row.tokens = row.run()
+    for r in range(args.rounds):
+        for row in rows if r % 2 == 0 else rows[::-1]:
+            tokens, wall, cpu = timed(row.run)
+            if hasattr(row.run, "inner"):  # llama.cpp: its own timing, without the start-up
+                wall, cpu = row.run.inner
+            assert tokens == row.tokens, f"{row.name}: greedy tokens changed between runs"
+            row.walls.append(wall)
+            row.cpus.append(cpu)
+
+    reference = next((row.tokens for row in rows if row.name == "transformers"), None)
+    print(f"\nrounds: {args.rounds} (medians); load average now {os.getloadavg()[0]:.1f}")
+    header = (
+        f"{'implementation':44}{'tokens/s':>9}{'CPU s':>8}{'compile s':>10}"
+        f"{'MB/token':>10}{'ceiling t/s':>12}{'of ceiling':>11}  exact"
+    )
+    print(header)
+    for row in rows:
+        wall, cpu = statistics.median(row.walls), statistics.median(row.cpus)
+        speed, ceiling = n / wall, bandwidth / row.bytes_per_token
+        if reference is None:
+            exact = "-"
+        else:
+            same = next((i for i, (a, b) in enumerate(zip(row.tokens, reference, strict=True))
+                         if a != b), n)  # fmt: skip
+            exact = "yes" if same == n else f"first {same} of {n}"
+        print(
+            f"{row.name:44}{speed:>9.1f}{cpu:>8.2f}{row.compile_s:>10.1f}"
+            f"{row.bytes_per_token / 1e6:>10.1f}{ceiling:>12.1f}{speed / ceiling:>10.0%}  {exact}"
+        )
+    for row in rows:
+        if row.note:
+            print(f"{row.name}: {row.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
