@@ -51,7 +51,7 @@ QUANTIZED = ("int8", "int4")
 # The CPU kernels' float32 paths read the weights once per row of x: right for decoding
 # (a few rows), M times slower than a matmul for a prompt or a perplexity window. Above this
 # many rows, float32 inputs take another route (see Int8Linear / Int4Linear.forward).
-FEW_ROWS = 16  # covers a speculative check (1 + 8 draft tokens)
+FEW_ROWS = 8
 
 
 def _fused_int8(x: Tensor) -> bool:
