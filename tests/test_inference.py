@@ -301,9 +301,10 @@ def test_perplexity_errors():
 
 class _TokenClock:
     """A fake ``time`` for labkit.inference.measure whose clock advances only when the
-    model runs: by 1 s per token position it processes. Timings then have exact expected values (cost models
-    of cached and uncached decoding), so the helpers' arithmetic and bookkeeping are checked
-    against numbers computed independently, not against their own formula."""
+    model runs: by 1 s per token position it processes. Timings then have exact expected
+    values (cost models of cached and uncached decoding), so the helpers' arithmetic and
+    bookkeeping are checked against numbers computed independently, not against their own
+    formula."""
 
     def __init__(self) -> None:
         self.now = 0.0
