@@ -16,6 +16,7 @@ import transformers
 from labkit.models.base import CausalLMOutput
 from labkit.models.llama import Llama, LlamaConfig, hf_name_map
 from labkit.nn.cache import ModelCache
+from labkit.nn.positional import RotaryEmbedding
 
 ATOL = 1e-4
 SMOLLM2_PARAMETERS = 134_515_008
@@ -26,7 +27,9 @@ PROMPTS = [
 ]
 
 
-def _hf_tiny(tie: bool, device: torch.device) -> transformers.LlamaForCausalLM:
+def _hf_tiny(
+    tie: bool, device: torch.device, rope_scaling: dict | None = None
+) -> transformers.LlamaForCausalLM:
     """A random 2-layer GQA Llama in transformers (4 query heads, 2 key/value heads)."""
     config = transformers.LlamaConfig(
         vocab_size=256,
@@ -37,6 +40,7 @@ def _hf_tiny(tie: bool, device: torch.device) -> transformers.LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=256,
         rope_theta=500.0,
+        rope_scaling=rope_scaling,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie,
         initializer_range=0.1,
@@ -179,18 +183,60 @@ def test_config_from_hf_reads_both_rope_theta_layouts():
     assert LlamaConfig.from_hf(old) == LlamaConfig.preset("llama2-7b")
 
 
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
+def test_config_from_hf_reads_linear_rope_scaling(layout):
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}
+    hf_config = transformers.LlamaConfig(num_hidden_layers=1, **{layout: rope})
+    config = LlamaConfig.from_hf(hf_config)
+    assert (config.rope_scaling, config.rope_factor, config.rope_theta) == ("linear", 4.0, 1e4)
+    assert config.to_hf().rope_parameters == rope  # and back
+    # transformers 4 spelled the type "type", in a rope_scaling dict next to rope_theta
+    old = types.SimpleNamespace(**{**vars(hf_config), "rope_parameters": None})
+    old.rope_scaling, old.rope_theta = {"type": "linear", "factor": 4.0}, 1e4
+    assert LlamaConfig.from_hf(old) == config
+
+
 @pytest.mark.parametrize(
     "rope",
     [
-        {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+        {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
         {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ],
 )  # fmt: skip
-def test_config_from_hf_rejects_rope_scaling(rope):
+def test_config_from_hf_rejects_other_rope_scaling(rope):
     hf_config = transformers.LlamaConfig(num_hidden_layers=1, rope_parameters=rope)
-    with pytest.raises(ValueError, match=rope["rope_type"]):
+    with pytest.raises(ValueError, match=f"{rope['rope_type']!r} is not supported"):
         LlamaConfig.from_hf(hf_config)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_linear_rope_scaling_matches_transformers(device, tie):
+    """Position interpolation x2.5 from a transformers checkpoint, and back with to_hf."""
+    hf = _hf_tiny(tie, device, rope_scaling={"rope_type": "linear", "factor": 2.5})
+    model = Llama.from_hf(hf)
+    assert (model.config.rope_scaling, model.config.rope_factor) == ("linear", 2.5)
+    assert model.rotary.scaling == "linear" and model.rotary.factor == 2.5
+    ids = torch.randint(0, 256, (2, 40), device=device)
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+        back = model.to_hf()(ids).logits
+        # the scaling matters: the same weights without it give other logits
+        plain = Llama(dataclasses.replace(model.config, rope_scaling="none", rope_factor=1.0))
+        plain.load_state_dict(model.state_dict())
+        unscaled = plain.to(device).eval()(ids).logits
+    assert (ours - theirs).abs().max() <= ATOL
+    assert (back - theirs).abs().max() <= ATOL
+    assert (unscaled - theirs).abs().max() > 100 * ATOL
+
+
+def test_ntk_rope_scaling_config():
+    model = Llama.from_preset("tiny", rope_scaling="ntk", rope_factor=2.0)
+    expected = RotaryEmbedding(model.config.head_dim, 1e4, "ntk", 2.0).inv_freq()
+    assert torch.equal(model.rotary.inv_freq(), expected)
+    assert not torch.equal(expected, RotaryEmbedding(model.config.head_dim).inv_freq())
+    with pytest.raises(ValueError, match="'ntk' has no transformers equivalent"):
+        model.config.to_hf()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +250,9 @@ def test_config_from_hf_rejects_rope_scaling(rope):
         (dict(d_model=66, n_heads=4), "d_model=66 must be divisible by n_heads=4"),
         (dict(d_model=60, n_heads=4), "head_dim .* 15 must be even"),
         (dict(n_layers=0), "n_layers must be at least 1"),
+        (dict(rope_scaling="yarn"), "rope_scaling must be one of"),
+        (dict(rope_scaling="linear", rope_factor=0.5), "rope_factor must be >= 1"),
+        (dict(rope_factor=2.0), "and 1 with rope_scaling 'none'"),
     ],
 )
 def test_config_errors(fields, message):

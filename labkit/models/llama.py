@@ -39,7 +39,7 @@ from labkit.models.base import (
 )
 from labkit.nn.cache import ModelCache, StaticCache
 from labkit.nn.layers import EncoderLayer, RMSNorm
-from labkit.nn.positional import RotaryEmbedding, apply_rotary
+from labkit.nn.positional import ROPE_SCALINGS, RotaryEmbedding, apply_rotary
 
 
 @dataclass
@@ -49,6 +49,12 @@ class LlamaConfig(ModelConfig):
     ``max_len`` is Hugging Face's ``max_position_embeddings`` (RoPE has no table, but the
     model was trained up to this length); ``eps`` is ``rms_norm_eps``; ``tie_weights`` shares
     the embedding matrix with the LM head (``tie_word_embeddings``).
+
+    ``rope_scaling`` and ``rope_factor`` stretch RoPE to ``rope_factor`` times the trained
+    context without training (``RotaryEmbedding``'s ``scaling`` and ``factor``): ``"none"``,
+    ``"linear"`` (position interpolation, Hugging Face's ``rope_type="linear"``) or ``"ntk"``
+    (NTK-aware, a fixed larger base). ``max_len`` stays the longest input the forward accepts:
+    raise it to the stretched length too.
     """
 
     vocab_size: int = 256
@@ -59,6 +65,8 @@ class LlamaConfig(ModelConfig):
     d_model: int = 64
     d_ff: int = 172
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
     eps: float = 1e-5
     tie_weights: bool = True
     bos_id: int | None = None
@@ -84,6 +92,16 @@ class LlamaConfig(ModelConfig):
             raise ValueError(
                 f"rope_theta and eps must be > 0, got rope_theta={self.rope_theta}, eps={self.eps}"
             )
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(
+                f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}"
+            )
+        if self.rope_factor < 1.0 or (self.rope_scaling == "none" and self.rope_factor != 1.0):
+            raise ValueError(
+                f"rope_factor must be >= 1 (how many times longer the context becomes) and 1 "
+                f"with rope_scaling 'none'; got rope_factor="
+                f"{self.rope_factor}, rope_scaling={self.rope_scaling!r}"
+            )
         self._check_token_ids("vocab_size", ("bos_id", "eos_id", "pad_id"))
 
     @property
@@ -102,18 +120,22 @@ class LlamaConfig(ModelConfig):
     def from_hf(cls, hf_config: Any) -> LlamaConfig:
         """The config of a ``transformers.LlamaConfig``; ValueError for what labkit lacks.
 
-        Reads ``rope_theta`` from ``rope_parameters`` (transformers 5) or the plain attribute
-        (transformers 4). Only the default RoPE is supported: scaled variants ("linear",
-        "dynamic", "yarn", "llama3", ...) change the angles and are rejected, as are biases,
-        activations other than SiLU and a ``head_dim`` other than ``hidden_size / heads``.
+        Reads ``rope_theta`` and the RoPE type from ``rope_parameters`` (transformers 5) or
+        ``rope_theta`` / ``rope_scaling`` (transformers 4). RoPE types "default" and "linear"
+        (with its ``factor``) are supported; the others ("dynamic", "yarn", "llama3", ...) are
+        rejected, as are biases, activations other than SiLU and a ``head_dim`` other than
+        ``hidden_size / heads``.
         """
         rope = getattr(hf_config, "rope_parameters", None) or {}
         scaling = getattr(hf_config, "rope_scaling", None) or {}  # transformers 4
-        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
+        rope = {**scaling, **rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _HF_ROPE_TYPES:
             raise ValueError(
-                f"RoPE scaling type {rope_type!r} is not supported: labkit's RotaryEmbedding "
-                "implements the default (unscaled) RoPE only"
+                f"RoPE scaling type {rope_type!r} is not supported: labkit's Llama loads "
+                f"{sorted(_HF_ROPE_TYPES)} only. (Hugging Face's 'dynamic' recomputes the base "
+                "from the running sequence length; labkit's rope_scaling='ntk' keeps one "
+                "fixed base, so the two differ and no conversion is made.)"
             )
         if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
             raise ValueError("attention_bias / mlp_bias are not supported: Llama has no biases")
@@ -136,6 +158,8 @@ class LlamaConfig(ModelConfig):
             d_model=hf_config.hidden_size,
             d_ff=hf_config.intermediate_size,
             rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+            rope_scaling=_HF_ROPE_TYPES[rope_type],
+            rope_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
             eps=float(hf_config.rms_norm_eps),
             tie_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
             bos_id=_first_id(hf_config.bos_token_id),
@@ -144,9 +168,18 @@ class LlamaConfig(ModelConfig):
         )
 
     def to_hf(self) -> Any:
-        """The ``transformers.LlamaConfig`` of this config (the inverse of ``from_hf``)."""
+        """The ``transformers.LlamaConfig`` of this config (the inverse of ``from_hf``).
+
+        ValueError for ``rope_scaling="ntk"``: transformers has no fixed-base NTK type.
+        """
         import transformers
 
+        if self.rope_scaling == "ntk":
+            raise ValueError(
+                "rope_scaling='ntk' has no transformers equivalent (its 'dynamic' type "
+                "recomputes the base from the sequence length): export with 'none' or 'linear'"
+            )
+        scaling = {"rope_type": "linear", "factor": self.rope_factor}
         return transformers.LlamaConfig(
             vocab_size=self.vocab_size,
             max_position_embeddings=self.max_len,
@@ -156,6 +189,7 @@ class LlamaConfig(ModelConfig):
             hidden_size=self.d_model,
             intermediate_size=self.d_ff,
             rope_theta=self.rope_theta,
+            rope_scaling=scaling if self.rope_scaling == "linear" else None,
             rms_norm_eps=self.eps,
             tie_word_embeddings=self.tie_weights,
             bos_token_id=self.bos_id,
@@ -165,6 +199,10 @@ class LlamaConfig(ModelConfig):
             attention_bias=False,
             mlp_bias=False,
         )
+
+
+# transformers' RoPE type -> labkit's rope_scaling
+_HF_ROPE_TYPES = {"default": "none", "linear": "linear"}
 
 
 def _first_id(token_id: int | list[int] | None) -> int | None:
@@ -257,7 +295,7 @@ class Llama(nn.Module, PresetModel):
         )  # fmt: skip
         self.norm = RMSNorm(c.d_model, eps=c.eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_factor)
         self.apply(self._init_weights)
         if c.tie_weights:
             self.lm_head.weight = self.embed_tokens.weight
