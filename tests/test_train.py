@@ -753,6 +753,35 @@ def test_eval_batches_limits_the_evaluation():
     assert abs(first - every) > 1e-4
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_on_eval_sees_every_evaluation_and_can_end_the_run():
+    seen = []
+    trainer = run(
+        make_lm(), lm_data(), lm_data(8, seed=1), max_steps=6, eval_every=2,
+        trainer_kwargs={"on_eval": lambda step, results: seen.append((step, results))},
+    )  # fmt: skip
+    history = trainer.history.dropna(subset=["eval_loss"])
+    assert [step for step, _ in seen] == history["step"].tolist() == [2, 4, 6]
+    assert [r["loss"] for _, r in seen] == history["eval_loss"].tolist()
+
+    def stop_at_4(step, results):  # what an Optuna pruning callback does
+        if step == 4:
+            raise _Stop
+
+    stopped = Trainer(
+        make_lm(), config(max_steps=6, eval_every=2), lm_data(), lm_data(8, seed=1),
+        on_eval=stop_at_4,
+    )  # fmt: skip
+    with pytest.raises(_Stop):
+        stopped.fit()
+    assert stopped.step == 4 and len(stopped.history) == 4
+    with pytest.raises(ValueError, match="on_eval must be callable"):
+        Trainer(make_lm(), config(), lm_data(), on_eval="report")
+
+
 def _classification(n: int, *, flip: bool) -> TensorDataset:
     generator = torch.Generator().manual_seed(int(flip))
     x = torch.randn(n, T, D, generator=generator)

@@ -194,6 +194,9 @@ class Trainer:
             with the default loss, none with a ``loss_fn``. They need standard batches.
         collate_fn: turns a list of examples into a batch (default: torch's
             ``default_collate``, which stacks tensors and keeps tuples and dicts).
+        on_eval: ``on_eval(step, results)``, called by ``fit`` after each evaluation with the
+            step and :meth:`evaluate`'s results (e.g. to report them to an Optuna trial); an
+            exception it raises (e.g. ``optuna.TrialPruned``) ends ``fit`` there.
 
     Under torchrun each of the W processes makes the same Trainer: it joins the process
     group, wraps the model in DistributedDataParallel, reads its 1/W of every batch, and only
@@ -211,6 +214,7 @@ class Trainer:
         loss_fn: LossFn | None = None,
         metrics: Mapping[str, MetricFn] | None = None,
         collate_fn: Callable[[list[Any]], Batch] | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -229,6 +233,8 @@ class Trainer:
                 f"TrainConfig.early_stopping_patience={config.early_stopping_patience} needs "
                 "eval_every, so that there is more than one evaluation to compare"
             )
+        if on_eval is not None and not callable(on_eval):
+            raise ValueError(f"on_eval must be callable, got {type(on_eval).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if metrics is None:
@@ -247,6 +253,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.metrics = dict(metrics)
         self.collate_fn = collate_fn or default_collate
+        self.on_eval = on_eval
 
         # Where and how: device, processes, precision, batch split.
         device = get_device(config.device)
@@ -458,7 +465,7 @@ class Trainer:
         with bar, StopRequests(config.handle_signals, announce) as stop:
             while self.step < config.max_steps and not self.stopped_early:
                 self._step_under_way = self.step + 1  # what a stop signal lets finish
-                record = self._train_step()
+                record, results = self._train_step(), None
                 if self.eval_data is not None and self._due(config.eval_every):
                     results = self.evaluate()
                     record.update({f"eval_{name}": value for name, value in results.items()})
@@ -466,6 +473,8 @@ class Trainer:
                 self._elapsed = time.perf_counter() - clock
                 record["time_s"] = self._elapsed
                 self._records.append(record)
+                if results is not None and self.on_eval is not None:
+                    self.on_eval(self.step, results)  # may raise, e.g. optuna.TrialPruned
                 saved = None
                 if config.checkpoint_dir is not None and (
                     self.stopped_early or self._due(config.checkpoint_every)
