@@ -11,10 +11,12 @@ load that comes and goes hits every row alike. Columns:
 * weight bytes read per token: every parameter and buffer a decoding step multiplies with,
   each stored tensor once (the token embedding is a row lookup and not counted, unless it is
   the tied LM head);
-* the roofline: decoding one token reads all those bytes, so tokens/s can be at most
-  ``bandwidth / bytes per token``; the bandwidth is measured here (a STREAM-like copy of a
-  tensor far larger than the caches, ``copy_bandwidth``) and the last column is the fraction
-  of that ceiling a row reaches;
+* the roofline (``labkit.inference``'s helpers): decoding one token reads all those bytes, so
+  tokens/s can be at most ``bandwidth / bytes per token`` (``decode_ceiling``); the bandwidth
+  is measured here with the decoding's thread count (``read_bandwidth``: a read-only
+  STREAM-like sum of a tensor far larger than the caches; the copy figure,
+  ``copy_bandwidth``, is printed too) and the last column is the fraction of that ceiling a
+  row reaches;
 * exact: whether the row's tokens equal ``transformers``' greedy tokens (fp32 rows should;
   other precisions change the arithmetic and say how many leading tokens agree).
 
@@ -51,10 +53,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from labkit.generation import generate
-from labkit.inference import FastLM
+from labkit.inference import (
+    FastLM,
+    copy_bandwidth,
+    decode_ceiling,
+    read_bandwidth,
+    weight_bytes_per_token,
+)
 from labkit.models.pretrained import load, smollm2_gguf
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -86,41 +93,6 @@ tokens = run()
 print(json.dumps({"tokens": tokens, "wall": time.perf_counter() - wall,
                   "cpu": time.process_time() - cpu}))
 """
-
-
-def copy_bandwidth(megabytes: int = 512, repeats: int = 10, device: str = "cpu") -> float:
-    """Memory bandwidth in bytes/s: the best of ``repeats`` copies of a float32 tensor of
-    ``megabytes`` (far beyond the caches), counting the bytes read and the bytes written.
-    The best copy is the one least disturbed by other processes (wall clock, torch's threads)."""
-    n = megabytes * 2**20 // 4
-    src = torch.ones(n, device=device)
-    dst = torch.zeros_like(src)  # touched: no page faults inside the timed copies
-    best = float("inf")
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / best
-
-
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of the tensors one decoding step multiplies with: every parameter and buffer of
-    every module except embedding tables (a step reads one row of those), each storage once,
-    so a tied LM head counts its matrix once."""
-    seen, total = set(), 0
-    for module in model.modules():
-        if "Embedding" in type(module).__name__:
-            continue
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        for tensor in tensors:
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 @dataclass
@@ -173,8 +145,12 @@ def main() -> int:
     device = torch.device(args.device)
 
     print(f"machine: {machine()}; torch {torch.__version__}, {args.threads} threads")
-    bandwidth = copy_bandwidth(device=str(device))
-    print(f"measured memory bandwidth (copy of 512 MiB): {bandwidth / 1e9:.1f} GB/s")
+    bandwidth = read_bandwidth(threads=args.threads, device=device)
+    copied = copy_bandwidth(threads=args.threads, device=device)
+    print(
+        f"measured memory bandwidth, {args.threads} threads: read {bandwidth / 1e9:.1f} GB/s "
+        f"(sum of 512 MiB, the roofline's), copy {copied / 1e9:.1f} GB/s (read + written)"
+    )
 
     pretrained = load("smollm2-135m-instruct", reference="transformers" in args.rows)
     model, tokenizer = pretrained.model.to(device).eval(), pretrained.tokenizer
@@ -238,6 +214,9 @@ def main() -> int:
                 return out.new_tokens[0].tolist()
 
             label = f"labkit {precision} static cache" + (" + compile" if compiled else "")
+            if precision in ("int8", "int4"):
+                act = str(fast.activations).removeprefix("torch.")
+                label = label.replace(precision, f"{precision} ({act} activations)")
             label += " + prompt lookup" if speculative != "none" else ""
             rows.append(Row(label, run_fast, weight_bytes_per_token(fast.model), compile_s))
 
@@ -261,7 +240,7 @@ def main() -> int:
     print(header)
     for row in rows:
         wall, cpu = statistics.median(row.walls), statistics.median(row.cpus)
-        speed, ceiling = n / wall, bandwidth / row.bytes_per_token
+        speed, ceiling = n / wall, decode_ceiling(row.bytes_per_token, bandwidth)
         if reference is None:
             exact = "-"
         else:

@@ -14,14 +14,20 @@ from labkit.inference import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    activation_dtype,
+    copy_bandwidth,
+    decode_ceiling,
     dequantize_int4,
     int4_groups,
     model_size_bytes,
     perplexity,
     quantize,
+    read_bandwidth,
     run_generate,
     to_bf16,
+    weight_bytes_per_token,
 )
+from labkit.inference import fast as fast_module
 from labkit.inference import quant as quant_module
 from labkit.models import GPT, Llama
 from labkit.nn.cache import StaticCache
@@ -284,6 +290,52 @@ def test_quantized_fast_path_decodes_batches_like_its_eager_model(precision, dty
     assert torch.equal(out.new_tokens, expected.new_tokens)
 
 
+@pytest.mark.parametrize("units", [True, False, None])
+def test_int8_int4_activations_are_bf16_where_the_hardware_has_bf16_units(units, monkeypatch):
+    """The default (``dtype=None``, ``--activations auto``) follows ``bf16_hardware``."""
+    from labkit.device import BF16Hardware
+
+    seen = []
+
+    def fake(device):
+        seen.append(torch.device(device).type)
+        return BF16Hardware("cpu", "fake CPU", units, "faked")
+
+    monkeypatch.setattr(fast_module, "bf16_hardware", fake)
+    expected = torch.bfloat16 if units else torch.float32
+    assert activation_dtype("int8") == activation_dtype("int4", "cpu") == expected
+    assert activation_dtype("fp32") == torch.float32 and activation_dtype("bf16") == torch.bfloat16
+    fast = FastLM(_tiny("llama"), precision="int4")
+    assert fast.activations == expected and seen[-1] == "cpu"
+    assert fast.model.lm_head(torch.zeros(1, 64, dtype=expected)).dtype == expected
+    assert {t.dtype for t in fast.model.parameters()} == {expected}  # norms, biases too
+    # float32 activations stay available whatever the hardware
+    assert FastLM(_tiny("gpt"), precision="int8", dtype=torch.float32).activations == torch.float32
+
+
+def test_roofline_helpers():
+    """Bytes per token: every matrix a step multiplies with, stored once, in its dtype."""
+    model = _tiny("gpt")  # tied head: the embedding table is read as the head, once
+    floats = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("wpe"))
+    assert weight_bytes_per_token(model) == 4 * floats  # wte counted once, as lm_head
+    untied = _tiny("gpt", tie_weights=False)
+    assert weight_bytes_per_token(untied) == 4 * floats  # the lookup table is not read whole
+    int8 = quantize(model, "int8")
+    head = int8.lm_head.weight
+    assert head.numel() <= weight_bytes_per_token(int8) < 0.3 * weight_bytes_per_token(model)
+    assert weight_bytes_per_token(to_bf16(model)) == weight_bytes_per_token(model) // 2
+    threads = torch.get_num_threads()
+    read = read_bandwidth(megabytes=8, repeats=2, threads=1)
+    copied = copy_bandwidth(megabytes=8, repeats=2)
+    assert read > 1e8 and copied > 1e8 and torch.get_num_threads() == threads  # restored
+    assert decode_ceiling(1000, 2e9) == 2e6
+    assert decode_ceiling(model, read) == read / weight_bytes_per_token(model)
+    with pytest.raises(ValueError, match="positive"):
+        decode_ceiling(0, 1e9)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        read_bandwidth(megabytes=1, threads=0)
+
+
 def test_fast_lm_errors():
     with pytest.raises(ValueError, match="decoder-only"):
         FastLM(nn.Linear(2, 2))
@@ -292,6 +344,10 @@ def test_fast_lm_errors():
         generate(fast, torch.zeros(1, 3, dtype=torch.long))  # static_cache=True is needed
     with pytest.raises(ValueError, match="precision must be one of"):
         FastLM(_tiny("gpt"), precision="fp8")
+    with pytest.raises(ValueError, match="activations of int8 / int4 only"):
+        FastLM(_tiny("gpt"), precision="fp32", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="torch.float32 or torch.bfloat16"):
+        FastLM(_tiny("gpt"), precision="int8", dtype=torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +479,8 @@ def test_labkit_generate_cli_streams_text_and_reports_speed(smollm2, monkeypatch
     assert "acceptance" in err
     code = main(["generate", "--prompt", "x", "--precision", "int4", "--device", "meta"])
     assert code == 2 and "device must be one of" in capsys.readouterr().err
+    code = main(["generate", "--prompt", "x", "--precision", "fp32", "--activations", "bf16"])
+    assert code == 2 and "applies to int8 / int4" in capsys.readouterr().err
 
 
 def test_run_generate_is_the_cli_as_a_function(smollm2):

@@ -247,6 +247,7 @@ def _generate(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         device=args.device,
         threads=args.threads,
+        activations=args.activations,
         on_text=show if args.stream else None,
     )
     print(result.text if not args.stream else "", flush=True)
@@ -283,6 +284,10 @@ def _add_generate_parser(commands: Any) -> None:
     add("--top-p", type=float, help="nucleus sampling threshold (with --temperature)")
     add("--precision", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
         help="weights: float32, bfloat16, or int8/int4 weight-only (default: fp32)")  # fmt: skip
+    add("--activations", choices=("auto", "fp32", "bf16"), default="auto",
+        help="int8/int4 activations: auto (default) = bf16 where the CPU/GPU has bf16 "
+        "units (detected at run time; PyTorch's int8/int4 CPU kernels are fast in bf16), "
+        "else fp32")  # fmt: skip
     add("--compile", action="store_true", help="torch.compile the decoding step (warm-up first)")
     add("--speculative", choices=("none", "prompt-lookup"), default="none",
         help="prompt-lookup drafts, greedy decoding's exact tokens (default: none)")  # fmt: skip

@@ -1,7 +1,8 @@
 """Inference: measuring a trained decoder, and making it decode fast.
 
 - ``measure``: memory (weights + KV cache), ``to_bf16``, strided ``perplexity``, timing of
-  generation and the KV-cache / batch / precision tables of the notebooks and benchmarks;
+  generation and the KV-cache / batch / precision tables of the notebooks and benchmarks, and
+  the roofline of decoding (``read_bandwidth``, ``weight_bytes_per_token``, ``decode_ceiling``);
 - ``quant``: weight-only int8 (``Int8Linear``) and int4 (``Int4Linear``) matrices multiplied by
   PyTorch's fused kernels, ``quantize`` (a whole decoder, tied embedding included) and
   ``quantize_int8``;
@@ -13,10 +14,12 @@ Everything is re-exported here, e.g. ``from labkit.inference import FastLM, perp
 """
 
 from labkit.inference.fast import (
+    ACTIVATIONS,
     PACKAGED_MODELS,
     PRECISIONS,
     FastLM,
     RunResult,
+    activation_dtype,
     chat_prompt,
     convert,
     load_fast,
@@ -27,16 +30,20 @@ from labkit.inference.measure import (
     MemoryEstimate,
     Timing,
     compare_precisions,
+    copy_bandwidth,
+    decode_ceiling,
     dtype_bytes,
     kv_cache_speedup,
     memory_estimate,
     model_size_bytes,
     parameter_count,
     perplexity,
+    read_bandwidth,
     throughput_vs_batch,
     time_call,
     time_generation,
     to_bf16,
+    weight_bytes_per_token,
 )
 from labkit.inference.quant import (
     INT4_GROUP_SIZES,
@@ -50,6 +57,7 @@ from labkit.inference.quant import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "INT4_GROUP_SIZES",
     "PACKAGED_MODELS",
     "PRECISIONS",
@@ -61,9 +69,12 @@ __all__ = [
     "MemoryEstimate",
     "RunResult",
     "Timing",
+    "activation_dtype",
     "chat_prompt",
     "compare_precisions",
     "convert",
+    "copy_bandwidth",
+    "decode_ceiling",
     "dequantize_int4",
     "dtype_bytes",
     "int4_groups",
@@ -75,9 +86,11 @@ __all__ = [
     "perplexity",
     "quantize",
     "quantize_int8",
+    "read_bandwidth",
     "run_generate",
     "throughput_vs_batch",
     "time_call",
     "time_generation",
     "to_bf16",
+    "weight_bytes_per_token",
 ]

@@ -6,6 +6,9 @@ The ideas are those of PyTorch's gpt-fast, on labkit's own models:
 1. **Precision** (``convert``): ``"fp32"``, ``"bf16"``, or weight-only ``"int8"`` / ``"int4"``
    matrices multiplied by PyTorch's fused kernels (``labkit.inference.quant``). Decoding
    reads every weight once per token, so fewer bytes per weight means more tokens per second.
+   int8 / int4 compute with bfloat16 activations where the hardware has bf16 units
+   (``activation_dtype``, detected at run time; the CPU kernels are several times slower with
+   float32 activations), else float32; ``dtype=`` chooses.
 2. **A static KV cache** (``labkit.nn.cache.StaticCache``): allocated once for prompt + new
    tokens (rounded up to ``cache_block`` columns so later calls reuse it), written in place.
 3. **A compiled decoding step** (``compile=True``): ``torch.compile`` (inductor) of "one token
@@ -45,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from labkit import generation
-from labkit.device import get_device, model_device
+from labkit.device import bf16_hardware, get_device, model_device
 from labkit.inference.measure import to_bf16
 from labkit.inference.quant import quantize
 from labkit.models.base import CausalLMOutput
@@ -55,33 +58,63 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 PACKAGED_MODELS = ("smollm2-135m-instruct",)
 
 
+ACTIVATIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def activation_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The activations' dtype ``convert`` picks for ``precision`` on ``device`` by default.
+
+    fp32 / bf16: their own dtype. int8 / int4 (weight-only): bfloat16 where
+    ``labkit.device.bf16_hardware(device)`` finds bf16 units (detected at run time), else
+    float32. PyTorch's fused CPU kernels for int8/int4 weights are fast with bfloat16
+    activations and several times slower with float32 ones (benchmarks/README.md).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16" or bf16_hardware(device).units:
+        return torch.bfloat16
+    return torch.float32
+
+
 def convert(
     model: nn.Module,
     precision: str,
     *,
     group_size: int = 32,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """A copy of ``model`` (eval mode) in ``precision``; the original is unchanged.
 
     ``"fp32"`` / ``"bf16"``: every float tensor in that dtype. ``"int8"`` / ``"int4"``:
-    ``quantize`` (int4 in groups of ``group_size``, CPU only), activations in ``dtype``
-    (float32, or bfloat16 where the CPU/GPU computes it fast).
+    ``quantize`` (int4 in groups of ``group_size``, CPU only), activations (and norms,
+    biases, scales) in ``dtype``: float32 or bfloat16; None picks ``activation_dtype``
+    (bfloat16 where the hardware has bf16 units).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    wanted = activation_dtype(precision, model_device(model))
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"dtype (the activations') must be torch.float32 or torch.bfloat16, got {dtype}"
+        )
+    if dtype is not None and precision in ("fp32", "bf16") and dtype != wanted:
+        raise ValueError(
+            f"precision={precision!r} computes in {wanted}; dtype={dtype} chooses the "
+            "activations of int8 / int4 only"
+        )
     if precision == "fp32":
         return copy.deepcopy(model).float().eval()
     if precision == "bf16":
         return to_bf16(model)
-    return quantize(model, precision, group_size=group_size).to(dtype)
+    return quantize(model, precision, group_size=group_size).to(dtype or wanted)
 
 
 class FastLM(nn.Module):
     """A decoder-only model prepared for fast decoding (see the module docstring).
 
     model: a labkit ``GPT`` or ``Llama`` (any device; int4 needs the CPU).
-    precision / group_size / dtype: as in ``convert``.
+    precision / group_size / dtype: as in ``convert`` (dtype None: int8 / int4 activations in
+        bfloat16 where the hardware has bf16 units, ``activation_dtype``).
     compile: compile the single-token step (inductor; CUDA graphs on CUDA).
     cache_block: the static cache's length is prompt + new tokens rounded up to this, so
         generations of similar length share one cache and one compiled step.
@@ -103,7 +136,7 @@ class FastLM(nn.Module):
         precision: str = "fp32",
         compile: bool = False,
         group_size: int = 32,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         cache_block: int = 256,
         backend: str = "inductor",
         draft_tokens: int = 8,
@@ -116,6 +149,8 @@ class FastLM(nn.Module):
             )
         if cache_block < 1:
             raise ValueError(f"cache_block must be >= 1, got {cache_block}")
+        # the dtype the step computes in (int8 / int4: chosen by activation_dtype if None)
+        self.activations = dtype or activation_dtype(precision, model_device(model))
         self.model = convert(model, precision, group_size=group_size, dtype=dtype)
         self.precision = precision
         self.cache_block = cache_block
@@ -259,10 +294,14 @@ def load_fast(
     device: str = "auto",
     threads: int | None = None,
     group_size: int = 32,
+    activations: str = "auto",
 ) -> tuple[FastLM, Any]:
     """A packaged model (``PACKAGED_MODELS``) as a ``FastLM`` on ``device``, and its tokenizer.
 
     threads: ``torch.set_num_threads`` for the CPU (None leaves PyTorch's choice).
+    activations: the int8 / int4 activations' dtype, one of ``ACTIVATIONS``: ``"auto"``
+    (bfloat16 where the hardware has bf16 units, see ``activation_dtype``), ``"fp32"`` or
+    ``"bf16"``.
     """
     from labkit.models.pretrained import load
 
@@ -270,6 +309,13 @@ def load_fast(
         raise ValueError(f"model must be one of {PACKAGED_MODELS}, got {name!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {tuple(ACTIVATIONS)}, got {activations!r}")
+    if activations != "auto" and precision not in ("int8", "int4"):
+        raise ValueError(
+            f"activations={activations!r} applies to int8 / int4 weights; precision "
+            f"{precision!r} computes in its own dtype"
+        )
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -282,7 +328,11 @@ def load_fast(
         )
     pretrained = load(name)
     fast = FastLM(
-        pretrained.model.to(target), precision=precision, compile=compile, group_size=group_size
+        pretrained.model.to(target),
+        precision=precision,
+        compile=compile,
+        group_size=group_size,
+        dtype=ACTIVATIONS[activations],
     )
     return fast, pretrained.tokenizer
 
@@ -329,12 +379,14 @@ def run_generate(
     speculative: str = "none",
     device: str = "auto",
     threads: int | None = None,
+    activations: str = "auto",
     on_text: Callable[[str], Any] | None = None,
 ) -> RunResult:
     """``labkit generate`` as a function: the same options, the text and the timing back.
 
     model: a packaged model's name (loaded with ``load_fast``), or a ready ``FastLM`` with its
-    ``tokenizer`` (then precision, compile, device and threads are its own). Greedy unless
+    ``tokenizer`` (then precision, compile, device, threads and activations are its own;
+    ``activations`` is as in ``load_fast``). Greedy unless
     ``temperature`` (and optionally ``top_p``) is given. ``on_text`` receives each piece of
     text as it is generated (``--stream``).
     """
@@ -344,7 +396,12 @@ def run_generate(
         fast = model
     else:
         fast, tokenizer = load_fast(
-            model, precision=precision, compile=compile, device=device, threads=threads
+            model,
+            precision=precision,
+            compile=compile,
+            device=device,
+            threads=threads,
+            activations=activations,
         )
     text = chat_prompt(tokenizer, prompt) if chat else prompt
     options: dict[str, Any] = dict(
@@ -372,10 +429,12 @@ def run_generate(
 
 
 __all__ = [
+    "ACTIVATIONS",
     "PACKAGED_MODELS",
     "PRECISIONS",
     "FastLM",
     "RunResult",
+    "activation_dtype",
     "chat_prompt",
     "convert",
     "load_fast",

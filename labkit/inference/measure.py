@@ -20,6 +20,10 @@ holds small functions that *measure* the usual levers on a labkit decoder (``GPT
 * **Speed.** ``time_generation`` times ``labkit.generation.generate``; ``kv_cache_speedup``,
   ``throughput_vs_batch`` and ``compare_precisions`` return ``pandas`` tables for notebooks and
   ``benchmarks/generation.py``.
+* **The speed limit (roofline).** Decoding one token reads every weight once, so tokens/s is at
+  most ``bandwidth / bytes read per token``: ``read_bandwidth`` measures the first (a
+  STREAM-like read of a tensor far larger than the caches, with the decoding's thread count),
+  ``weight_bytes_per_token`` the second for any precision, ``decode_ceiling`` divides them.
 
 Shapes: B batch, T tokens, V vocabulary, N length of an evaluated token sequence.
 """
@@ -146,6 +150,116 @@ def model_size_bytes(model: nn.Module) -> int:
 def to_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of ``model`` in eval mode (the original is left unchanged)."""
     return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The speed limit of decoding: memory bandwidth / bytes read per token
+# ----------------------------------------------------------------------------------------------
+
+
+def _best_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` calls (the one least disturbed by other processes)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _stream_bandwidth(
+    kind: str, megabytes: int, repeats: int, threads: int | None, device: str | torch.device
+) -> float:
+    if megabytes < 1 or repeats < 1:
+        raise ValueError(f"megabytes and repeats must be >= 1, got {megabytes}, {repeats}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    device = torch.device(device)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        src = torch.ones(megabytes * 2**20 // 4, device=device)  # float32, written: no page faults
+        if kind == "read":
+            seconds = _best_seconds(src.sum, repeats, device)
+            moved = src.numel() * 4
+        else:
+            dst = torch.zeros_like(src)
+            seconds = _best_seconds(lambda: dst.copy_(src), repeats, device)
+            moved = 2 * src.numel() * 4
+    finally:
+        torch.set_num_threads(before)
+    return moved / seconds
+
+
+def read_bandwidth(
+    megabytes: int = 512,
+    repeats: int = 10,
+    *,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Memory read bandwidth in bytes/s, measured now: the best of ``repeats`` sums of a float32
+    tensor of ``megabytes`` (far beyond the caches), a read-only STREAM-like stream.
+
+    Decoding *reads* the weights, so this is the bandwidth its roofline uses. ``threads``:
+    the CPU threads to read with (use the decoding's: one core cannot saturate the memory
+    bus); None keeps ``torch.get_num_threads()``. The best run is the least disturbed one.
+    """
+    return _stream_bandwidth("read", megabytes, repeats, threads, device)
+
+
+def copy_bandwidth(
+    megabytes: int = 512,
+    repeats: int = 10,
+    *,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Bytes/s read plus written by the best of ``repeats`` copies of ``megabytes`` (float32).
+
+    STREAM's "copy". Usually below ``read_bandwidth``: a CPU first reads each destination
+    line it writes (write-allocate), traffic this figure does not count.
+    """
+    return _stream_bandwidth("copy", megabytes, repeats, threads, device)
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one decoding step reads: every parameter and buffer of every module except
+    embedding tables (a step looks up one row), each storage once, in its stored dtype.
+
+    So a tied LM head counts its matrix once (as the head), int8 / int4 matrices count their
+    packed bytes and scales. The KV cache (``memory_estimate``) comes on top; for short
+    contexts it is small next to the weights.
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if "Embedding" in type(module).__name__:
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_ceiling(model_or_bytes: nn.Module | int, bandwidth: float) -> float:
+    """The roofline of decoding: at most ``bandwidth / bytes read per token`` tokens/s.
+
+    model_or_bytes: a model (``weight_bytes_per_token`` of it) or the bytes per token;
+    bandwidth: bytes/s (``read_bandwidth``).
+    """
+    n = model_or_bytes
+    if isinstance(model_or_bytes, nn.Module):
+        n = weight_bytes_per_token(model_or_bytes)
+    if n <= 0 or bandwidth <= 0:
+        raise ValueError(f"bytes per token and bandwidth must be positive, got {n}, {bandwidth}")
+    return bandwidth / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,14 +542,18 @@ __all__ = [
     "MemoryEstimate",
     "Timing",
     "compare_precisions",
+    "copy_bandwidth",
+    "decode_ceiling",
     "dtype_bytes",
     "kv_cache_speedup",
     "memory_estimate",
     "model_size_bytes",
     "parameter_count",
     "perplexity",
+    "read_bandwidth",
     "throughput_vs_batch",
     "time_call",
     "time_generation",
     "to_bf16",
+    "weight_bytes_per_token",
 ]
