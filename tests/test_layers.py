@@ -125,6 +125,22 @@ def test_norms_do_not_overflow_in_float16(make_ours, make_ref):
     assert _max_diff(y.float(), ref(x.float())) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_norm_of_low_precision_is_the_float32_result_rounded_once(dtype):
+    """Input and weights in fp16/bf16: the result is float32's, cast once at the end. Rows near
+    100 with a spread of 0.1 are where torch's own low-precision kernel rounds differently."""
+    generator = torch.Generator().manual_seed(0)
+    norm = LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=generator))
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    norm = norm.to(dtype)
+    x = (100 + 0.1 * torch.randn(4, 64, generator=generator)).to(dtype)
+    expected = F.layer_norm(x.float(), (64,), norm.weight.float(), norm.bias.float(), eps=1e-5)
+    assert torch.equal(norm(x), expected.to(dtype))
+    assert not torch.equal(F.layer_norm(x, (64,), norm.weight, norm.bias, eps=1e-5), norm(x))
+
+
 @pytest.mark.parametrize(
     "make_norm",
     [lambda: LayerNorm(5), lambda: LayerNorm(5, bias=False), lambda: RMSNorm(5)],
