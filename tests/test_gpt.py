@@ -1,5 +1,6 @@
 """labkit's GPT: equal to Hugging Face's GPT2LMHeadModel, cache-consistent, causal, trainable."""
 
+import re
 import socket
 
 import pytest
@@ -72,6 +73,21 @@ def test_from_hf_matches_transformers(gpt2_pair):
     assert (ours.hidden - theirs.hidden_states[-1]).abs().max() <= 1e-4
 
 
+def test_hidden_states_only_when_asked_and_equal_to_transformers(gpt2_pair):
+    """The residual stream entering each layer is Hugging Face's; the last entry is the final
+    layer's output before the final norm (HF's last entry is after it)."""
+    model, hf = gpt2_pair
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert model(ids).hidden_states is None
+        ours = model(ids, output_hidden_states=True)
+        theirs = hf(ids, output_hidden_states=True).hidden_states
+    assert len(ours.hidden_states) == len(theirs) == model.config.n_layers + 1
+    for mine, hf_state in zip(ours.hidden_states[:-1], theirs[:-1], strict=True):
+        assert (mine - hf_state).abs().max() <= 1e-4
+    assert torch.equal(model.norm(ours.hidden_states[-1]), ours.hidden)
+
+
 @pytest.mark.parametrize("hf_name, ours", [("gelu_new", "gelu_tanh"), ("gelu", "gelu")])
 def test_from_hf_keeps_the_gelu_variant(hf_name, ours):
     """Exact and tanh GELU differ by up to ~1e-3 per unit: the mapped model must use the same."""
@@ -139,7 +155,13 @@ def test_from_hf_rejects_wrong_shapes_and_unsupported_configs():
     hf = GPT2LMHeadModel(config)
     with torch.no_grad():
         hf.transformer.h[0].mlp.c_fc.weight = torch.nn.Parameter(torch.zeros(16, 48))
-    with pytest.raises(ValueError, match=r"ffn\.up_proj\.weight.*\(48, 16\).*\(64, 16\)"):
+    hf.transformer.h[0].ln_1.register_parameter("bias", None)  # no longer a parameter
+    message = (
+        "cannot copy GPT-2 into labkit's GPT: missing from GPT-2: ['transformer.h.0.ln_1.bias']; "
+        "shapes differ: layers.0.ffn.up_proj.weight: GPT-2 transformer.h.0.mlp.c_fc.weight "
+        "(converted) is (48, 16), labkit layers.0.ffn.up_proj.weight is (64, 16)"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         GPT.from_hf(hf)
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPTConfig.from_hf(GPT2Config(activation_function="relu"))
