@@ -147,7 +147,7 @@ def test_strict_mode_raises_in_the_check_and_in_the_summary(shell, monkeypatch):
     monkeypatch.setenv(checks.STRICT_ENV, "0")
     run(shell, "answer = 0.0")
     assert run(shell, CHECK).success  # not strict: reported, not raised
-    with pytest.raises(checks.CheckFailed):
+    with pytest.raises(checks.CheckFailed, match=r"^1 of 1 tasks did not pass: \['Task 1'\]$"):
         checks.summary(strict=True)
 
 

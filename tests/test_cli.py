@@ -353,8 +353,9 @@ def test_bpe_gpt_samples_any_prompt_and_names_a_damaged_tokenizer(bpe_run, tmp_p
 
 
 def test_bpe_gpt_help_and_bad_flags(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "bpe-gpt", "--help"])
+    assert exit_info.value.code == 0  # --help is not an error
     usage = " ".join(capsys.readouterr().out.split())
     assert re.search(r"--vocab-size [A-Z_]+ [^(]*\(default: 2048\)", usage)
     assert re.search(r"--max-iters [A-Z_]+ [^(]*\(default: 2000\)", usage)  # char-gpt's

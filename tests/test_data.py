@@ -227,7 +227,7 @@ def _raw_rows():
 
 def test_sentiment_csv_is_mac_roman_not_utf8():
     raw = SENTIMENT_CSV.read_bytes()
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(UnicodeDecodeError, match="^'utf-8' codec can't decode byte 0x"):
         raw.decode("utf-8")
     text = raw.decode("mac_roman")
     assert not re.search("[\x80-\x9f]", text)  # no C1 control codes, unlike a Latin-1 reading
