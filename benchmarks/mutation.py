@@ -9,6 +9,7 @@ touched), and the per-module score is printed as a Markdown table.
     python benchmarks/mutation.py                      # every module (an hour or more on 2 cores)
     python benchmarks/mutation.py schedules norms      # some modules
     python benchmarks/mutation.py attention --survivors    # also list each surviving mutant's diff
+    python benchmarks/mutation.py norms --recheck NAME...  # current tests against named mutants
 
 It is not part of ``python -m pytest`` (the default CI run): it is slow and its figure is a
 measurement, not a pass/fail check. Results and the surviving mutants judged equivalent are in
@@ -175,15 +176,52 @@ def run(name: str, show_survivors: bool, max_children: int) -> Counter:
     return counts
 
 
+def recheck(name: str, keys: list[str]) -> None:
+    """Run the checkout's current tests of ``name`` against mutants of its last run, by name.
+
+    After a test is added for a survivor: copies the target's test files (and conftest) into
+    the scratch copy that ``run`` left and runs them with each mutant switched on, as mutmut
+    does, without mutmut's time limit (a loaded machine makes that limit report timeouts).
+    """
+    target = TARGETS[name]
+    mutants = ROOT / "build" / "mutation" / name / "mutants"
+    if not mutants.is_dir():
+        sys.exit(f"no earlier run of {name}: run `python benchmarks/mutation.py {name}` first")
+    for test in ("tests/conftest.py", *target.tests):
+        shutil.copy(ROOT / test, mutants / test)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p"]
+    cmd += ["no:randomly", *target.pytest_args, *target.tests]
+    for key in keys:
+        done = subprocess.run(
+            cmd, cwd=mutants, env={**env, "MUTANT_UNDER_TEST": key}, capture_output=True, text=True
+        )
+        verdict = {0: "survived", 1: "killed"}.get(done.returncode, f"error {done.returncode}")
+        failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        print(f"{key}: {verdict}" + (f" ({failed[0][7:]})" if failed else ""), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"some of {', '.join(TARGETS)} (default: all)")
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--recheck",
+        nargs="+",
+        metavar="MUTANT",
+        help="run the current tests of one module against these mutants of its last run",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modules) - set(TARGETS))
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if args.recheck:
+        if len(args.modules) != 1:
+            parser.error("--recheck needs exactly one module")
+        recheck(args.modules[0], args.recheck)
+        return
     rows = []
     for name in args.modules or list(TARGETS):
         counts = run(name, args.survivors, args.max_children)
