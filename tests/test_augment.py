@@ -1,5 +1,6 @@
 """Tests for labkit.data: seeded, never empty, identity at p=0, synonyms only from the list;
-SmolLM2 paraphrases: one per text, through the chat template, reproducible for a seed."""
+SmolLM2 paraphrases: one per text, through the chat template, reproducible for a seed;
+back-translation: both legs, batched and cleaned (with a fake model)."""
 
 import random
 import re
@@ -19,7 +20,16 @@ from labkit.data import (
     random_swap,
     synonym_replacement,
 )
-from labkit.data.augment import DEFAULT_EXAMPLES, DEFAULT_INSTRUCTION, DEFAULT_SYNONYMS
+from labkit.data.augment import (
+    DEFAULT_EXAMPLES,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_SYNONYMS,
+    TRANSLATION_EXAMPLES,
+    back_translate,
+    translate,
+    translation_config,
+    translation_prompt,
+)
 from labkit.generation import GenerationConfig
 
 TEXTS = [
@@ -262,3 +272,106 @@ def test_paraphrase_bad_arguments():
     with pytest.raises(ValueError, match="pass both model and tokenizer"):
         paraphrase(["fine"], model=object())
     assert paraphrase([]) == []  # nothing to do: no model is loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# Back-translation: prompts, the two legs, cleaning and errors, with a fake model (fast)
+# ----------------------------------------------------------------------------------------------
+
+
+class ChatTokenizer:
+    """Stands in for SmolLM2's tokenizer: the chat template as plain tagged text."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        turns = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return turns + "<assistant>"
+
+
+LAST_USER = re.compile(r"<user>Translate from (\w+) to (\w+):\n\n([^<]*)</user><assistant>$")
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    """Replaces labkit.generation.generate: "translates" by tagging the text with the target
+    language (plus a label and a second line, which cleaning must remove); records each call's
+    prompts and config; loading the default model fails the test."""
+    import labkit.generation
+
+    calls = []
+
+    def generate(model, prompts, *, config, tokenizer):
+        assert model == "model" and isinstance(tokenizer, ChatTokenizer)
+        calls.append((list(prompts), config))
+        replies = []
+        for prompt in prompts:
+            source, target, text = LAST_USER.search(prompt).groups()
+            replies.append(f"Translation: [{target}] {text}\nHope this helps!")
+        return type("Output", (), {"text": replies})
+
+    def no_default_model():
+        raise AssertionError("the default SmolLM2 must not be loaded")
+
+    monkeypatch.setattr(labkit.generation, "generate", generate)
+    monkeypatch.setattr(augment, "_default_smollm2", no_default_model)
+    return calls
+
+
+def test_translation_prompt_shows_the_worked_example_in_the_asked_direction():
+    tok = ChatTokenizer()
+    english, french = TRANSLATION_EXAMPLES["French"]
+    forth = translation_prompt("I love it", tok, source="English", target="French")
+    assert forth == (
+        f"<user>Translate from English to French:\n\n{english}</user>"
+        f"<assistant>{french}</assistant>"
+        "<user>Translate from English to French:\n\nI love it</user><assistant>"
+    )
+    back = translation_prompt("Je l'adore", tok, source="French", target="English")
+    assert back.startswith(f"<user>Translate from French to English:\n\n{french}</user>")
+    assert f"<assistant>{english}</assistant>" in back
+    bare = translation_prompt("Hallo", tok, source="Dutch", target="English", examples=())
+    assert bare == "<user>Translate from Dutch to English:\n\nHallo</user><assistant>"
+
+
+def test_back_translate_runs_both_legs_in_batches_and_cleans_the_replies(fake_generate):
+    texts = ["good day", "bad day", "so-so day"]
+    back, pivoted = back_translate(
+        texts, "model", ChatTokenizer(), pivot="Spanish", seed=7, batch_size=2
+    )
+    assert pivoted == ["[Spanish] good day", "[Spanish] bad day", "[Spanish] so-so day"]
+    assert back == [f"[English] {p}" for p in pivoted]  # the way back reads the pivot texts
+    assert [len(prompts) for prompts, _ in fake_generate] == [2, 1, 2, 1]
+    # the legs sample with seeds 7 and 8, with the default decoding otherwise
+    assert [config.seed for _, config in fake_generate] == [7, 7, 8, 8]
+    assert fake_generate[0][1] == translation_config().replace(seed=7)
+    assert fake_generate[0][1].repetition_penalty > 1 and fake_generate[0][1].do_sample
+
+
+def test_translate_with_a_pretrained_and_a_custom_config(fake_generate):
+    from labkit.generation import GenerationConfig
+    from labkit.models.pretrained import Pretrained
+
+    greedy = GenerationConfig.preset("greedy", max_new_tokens=5)
+    pretrained = Pretrained(model="model", tokenizer=ChatTokenizer(), reference=None)
+    out = translate(["hi"], pretrained, target="German", config=greedy, seed=None)
+    assert out == ["[German] hi"]
+    assert fake_generate[0][1] == greedy.replace(seed=None)
+
+
+def test_back_translate_bad_arguments(fake_generate):
+    """Checked before any model is loaded (the fixture fails the test if one is)."""
+    tok = ChatTokenizer()
+    with pytest.raises(ValueError, match="single str"):
+        back_translate("one text", "model", tok)
+    with pytest.raises(ValueError, match=r"texts \[0\] are empty.*nothing to translate"):
+        back_translate([""], "model", tok)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        back_translate(["fine"], "model", tok, batch_size=0)
+    with pytest.raises(ValueError, match="pass both model and tokenizer"):
+        back_translate(["fine"], tokenizer=tok)
+    with pytest.raises(ValueError, match=r"no worked example for English -> Klingon.*examples="):
+        back_translate(["fine"], "model", tok, pivot="Klingon")
+    with pytest.raises(ValueError, match="no worked example for Klingon -> German"):
+        translate(["fine"], "model", tok, source="Klingon", target="German")
+    assert back_translate([]) == ([], [])  # nothing to do: no model is loaded
+    assert fake_generate == []

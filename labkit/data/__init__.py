@@ -5,14 +5,16 @@
 addition and date tasks), ``tokenizers`` (character and BPE tokenizers with one interface,
 backed by Hugging Face ``tokenizers``), ``bpe`` (``ByteLevelBPE``, byte-level BPE written from
 scratch: training, encoding, GPT-2 files), ``augment`` (random deletion and swap, synonym
-replacement, paraphrase with SmolLM2) and ``hub`` (opt-in Hugging Face Hub datasets and the
-one probe of whether the Hub answers). Everything but ``hub`` works offline: corpora and
-weights come from pip packages, found by
-``package_dir`` of ``packages``. Every name is re-exported
-here, e.g. ``from labkit.data import load_shakespeare, CharTokenizer``.
+replacement; paraphrase, translation and back-translation with SmolLM2) and ``hub`` (opt-in
+Hugging Face Hub datasets and the one probe of whether the Hub answers). Everything but
+``hub`` works offline: corpora and weights come from pip packages, found by ``package_dir`` of
+``packages``. Every name is re-exported here, e.g.
+``from labkit.data import load_shakespeare, CharTokenizer``.
 """
 
 from labkit.data.augment import (
+    TRANSLATION_EXAMPLES,
+    back_translate,
     clean_paraphrase,
     load_synonyms,
     paraphrase,
@@ -21,6 +23,9 @@ from labkit.data.augment import (
     random_deletion,
     random_swap,
     synonym_replacement,
+    translate,
+    translation_config,
+    translation_prompt,
 )
 from labkit.data.bpe import (
     GPT2_PATTERN,
@@ -76,7 +81,9 @@ __all__ = [
     "SEQUENCE_TASKS",
     "SPECIAL_TOKENS",
     "SPLITS",
+    "TRANSLATION_EXAMPLES",
     "Tokenizer",
+    "back_translate",
     "bytes_per_token",
     "bytes_to_unicode",
     "clean_paraphrase",
@@ -103,5 +110,8 @@ __all__ = [
     "to_lm_blocks",
     "token_to_str",
     "train_merges",
+    "translate",
+    "translation_config",
+    "translation_prompt",
     "unicode_to_bytes",
 ]

@@ -165,7 +165,11 @@ DEFAULT_INSTRUCTION = "Paraphrase this text:"
 DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("The movie was boring and far too long.", "The film was dull and went on for much too long."),
 )
-_LABEL = re.compile(r"^(paraphrased?( text| sentence| version)?|rewritten( text)?)\s*:\s*", re.I)
+_LABEL = re.compile(
+    r"^(paraphrased?( text| sentence| version)?|rewritten( text)?|translat(ion|ed)( text)?)"
+    r"\s*:\s*",
+    re.I,
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d"}
 
@@ -235,6 +239,44 @@ def _default_smollm2() -> tuple[nn.Module, Any]:
     return pretrained.model, pretrained.tokenizer
 
 
+def _model_pair(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) from what the caller passed: a ``Pretrained``, both, or neither
+    ((None, None): the caller loads SmolLM2-135M-Instruct when it has work to do)."""
+    from labkit.models.pretrained import Pretrained
+
+    if isinstance(model, Pretrained):
+        model, tokenizer = model.model, tokenizer or model.tokenizer
+    if (model is None) != (tokenizer is None):
+        raise ValueError(
+            "pass both model and tokenizer, a labkit.models.pretrained.Pretrained as model, or "
+            "neither (to load SmolLM2-135M-Instruct)"
+        )
+    return model, tokenizer
+
+
+def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings, got a single str; wrap it: [text]")
+    texts = list(texts)
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"texts {empty} are empty or not strings: nothing to {what}")
+    return texts
+
+
+def _generate_replies(
+    prompts: Sequence[str], model: Any, tokenizer: Any, config: GenerationConfig, batch_size: int
+) -> list[str]:
+    """The model's raw reply to each prompt, ``batch_size`` prompts per ``generate`` call."""
+    from labkit.generation import generate
+
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        replies += generate(model, batch, config=config, tokenizer=tokenizer).text
+    return replies
+
+
 def paraphrase(
     texts: Sequence[str],
     model: Any = None,
@@ -265,36 +307,175 @@ def paraphrase(
     Each reply is cleaned by ``clean_paraphrase``: one line, at most as many sentences as the
     original, the original itself when the model produced nothing usable.
     """
-    from labkit.generation import generate
-    from labkit.models.pretrained import Pretrained
-
-    if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings, got a single str; wrap it: [text]")
-    texts = list(texts)
-    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
-    if empty:
-        raise ValueError(f"texts {empty} are empty or not strings: nothing to paraphrase")
+    texts = _check_texts(texts, "paraphrase")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(model, Pretrained):
-        model, tokenizer = model.model, tokenizer or model.tokenizer
-    if (model is None) != (tokenizer is None):
-        raise ValueError(
-            "pass both model and tokenizer, a labkit.models.pretrained.Pretrained as model, or "
-            "neither (to load SmolLM2-135M-Instruct)"
-        )
+    model, tokenizer = _model_pair(model, tokenizer)
     if not texts:
         return []
     if model is None:
         model, tokenizer = _default_smollm2()
     config = (config or paraphrase_config()).replace(seed=seed)
-
     prompts = [
         paraphrase_prompt(text, tokenizer, instruction=instruction, examples=examples)
         for text in texts
     ]
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        replies += generate(model, batch, config=config, tokenizer=tokenizer).text
+    replies = _generate_replies(prompts, model, tokenizer, config, batch_size)
     return [clean_paraphrase(reply, text) for reply, text in zip(replies, texts, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Back-translation with SmolLM2-135M-Instruct: English -> pivot language -> English
+# ----------------------------------------------------------------------------------------------
+
+# One worked translation per language, shown as an earlier user/assistant turn (as for
+# paraphrase): English first, then the language's version; ``translate`` uses it either way.
+TRANSLATION_EXAMPLES: dict[str, tuple[str, str]] = {
+    "French": (
+        "Thanks for the help, my order arrived today!",
+        "Merci pour l'aide, ma commande est arrivée aujourd'hui !",
+    ),
+    "Spanish": (
+        "Thanks for the help, my order arrived today!",
+        "¡Gracias por la ayuda, mi pedido llegó hoy!",
+    ),
+    "German": (
+        "Thanks for the help, my order arrived today!",
+        "Danke für die Hilfe, meine Bestellung ist heute angekommen!",
+    ),
+}
+
+
+def translation_config() -> GenerationConfig:
+    """The default decoding of ``translate`` and ``back_translate``: nucleus sampling at
+    temperature 0.5 (top-p 0.9), repetition penalty 1.2, at most 48 new tokens, stopping at the
+    first newline.
+
+    Sampling makes each seed a different variant; the repetition penalty stops most of the
+    loops ("le plus le plus le plus ...") the 135M model falls into when it cannot translate.
+    """
+    from labkit.generation import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=48,
+        do_sample=True,
+        temperature=0.5,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        stop_strings=("\n",),
+    )
+
+
+def translation_prompt(
+    text: str,
+    tokenizer: Any,
+    *,
+    source: str = "English",
+    target: str = "French",
+    examples: Sequence[tuple[str, str]] | None = None,
+) -> str:
+    """The chat-templated prompt that asks for ``text`` translated from ``source`` to ``target``.
+
+    Each ``(source text, target text)`` of ``examples`` becomes a user turn
+    ``"Translate from {source} to {target}:\\n\\n{source text}"`` and the assistant's answer;
+    then ``text`` as the last user turn and the opening of the assistant's reply. By default
+    the worked example of ``TRANSLATION_EXAMPLES`` for the pair (one side must be English);
+    ``examples=()`` asks with the instruction alone.
+    """
+    if examples is None:
+        examples = _default_translation_examples(source, target)
+    instruction = f"Translate from {source} to {target}:"
+    return paraphrase_prompt(text, tokenizer, instruction=instruction, examples=examples)
+
+
+def _default_translation_examples(source: str, target: str) -> tuple[tuple[str, str], ...]:
+    if source == "English" and target in TRANSLATION_EXAMPLES:
+        return (TRANSLATION_EXAMPLES[target],)
+    if target == "English" and source in TRANSLATION_EXAMPLES:
+        english, other = TRANSLATION_EXAMPLES[source]
+        return ((other, english),)
+    raise ValueError(
+        f"no worked example for {source} -> {target}: the built-in ones translate between "
+        f"English and {sorted(TRANSLATION_EXAMPLES)}; pass examples=[(source text, target "
+        "text)] or examples=() for none"
+    )
+
+
+def translate(
+    texts: Sequence[str],
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    source: str = "English",
+    target: str = "French",
+    config: GenerationConfig | None = None,
+    seed: int | None = 0,
+    examples: Sequence[tuple[str, str]] | None = None,
+    batch_size: int = 8,
+) -> list[str]:
+    """One translation per text, by SmolLM2-135M-Instruct through its chat template.
+
+    A 135M-parameter model translates badly: expect invented words, loops, apologies and
+    untranslated English (the augmentation notebook shows a sample). Arguments as for
+    ``paraphrase`` (model, config default ``translation_config()``, seed, batch_size), with
+    ``source``/``target`` the language names and ``examples`` the worked translations
+    (``translation_prompt``). Each reply is cleaned by ``clean_paraphrase``.
+    """
+    texts = _check_texts(texts, "translate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if examples is None:
+        examples = _default_translation_examples(source, target)
+    model, tokenizer = _model_pair(model, tokenizer)
+    if not texts:
+        return []
+    if model is None:
+        model, tokenizer = _default_smollm2()
+    config = (config or translation_config()).replace(seed=seed)
+    prompts = [
+        translation_prompt(text, tokenizer, source=source, target=target, examples=examples)
+        for text in texts
+    ]
+    replies = _generate_replies(prompts, model, tokenizer, config, batch_size)
+    return [clean_paraphrase(reply, text) for reply, text in zip(replies, texts, strict=True)]
+
+
+def back_translate(
+    texts: Sequence[str],
+    model: Any = None,
+    tokenizer: Any = None,
+    *,
+    pivot: str = "French",
+    config: GenerationConfig | None = None,
+    seed: int | None = 0,
+    batch_size: int = 8,
+) -> tuple[list[str], list[str]]:
+    """Back-translation (Sennrich et al. 2016; Xie et al. 2020 for augmentation): translate
+    each English text into ``pivot`` and the result back into English.
+
+    Returns ``(back, pivoted)``: the English round trips, one per text, and the pivot-language
+    texts in between (to read what went wrong). Both legs use ``translate`` with the same
+    ``model``, ``config`` (default ``translation_config()``) and ``batch_size``; the way back
+    samples with ``seed + 1`` so that the two legs draw different random numbers.
+    """
+    pivoted = translate(
+        texts,
+        model,
+        tokenizer,
+        source="English",
+        target=pivot,
+        config=config,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    back = translate(
+        pivoted,
+        model,
+        tokenizer,
+        source=pivot,
+        target="English",
+        config=config,
+        seed=None if seed is None else seed + 1,
+        batch_size=batch_size,
+    )
+    return back, pivoted
