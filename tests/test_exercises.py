@@ -71,9 +71,12 @@ def test_starter_drops_only_the_solutions(path: Path):
 def test_starter_guards_the_cells_that_use_an_answer():
     starter = starter_notebook(_read(EXERCISE_DIR / "ex_4_1_self_attention.ipynb"))
     guarded = [c.source for c in starter.cells if "if passed(" in c.source]
-    assert len(guarded) == 2, guarded  # the entropy map (task 3), the previous-token map (4)
-    assert "if passed('Task 3'):" in guarded[0] and "`mean_entropy`" in guarded[0]
-    assert "if passed('Task 4'):" in guarded[1]
+    # the cost plot and the classifier's training (task 2), the entropy map (task 3), the
+    # previous-token map (task 4)
+    assert len(guarded) == 4, guarded
+    assert all("if passed('Task 2'):" in cell for cell in guarded[:2])
+    assert "if passed('Task 3'):" in guarded[2] and "`mean_entropy`" in guarded[2]
+    assert "if passed('Task 4'):" in guarded[3]
     assert check_call('with check("Task 2", answers=["a", "b"]):\n    pass') == (
         "Task 2", ["a", "b"])  # fmt: skip
 
