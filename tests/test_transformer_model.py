@@ -182,10 +182,12 @@ def test_matches_torch_transformer(device, norm_first):
 # Cache, padding, causality
 
 
+@pytest.mark.parametrize("positional", ["sinusoidal", "rope"])
 @pytest.mark.parametrize("with_tgt_mask", [False, True], ids=["no-tgt-mask", "tgt-mask"])
-def test_cached_decoding_equals_teacher_forcing(device, with_tgt_mask):
-    """A prefix of 3 tokens, then one token per call, with a cache: same logits and weights."""
-    model = _tiny(device)
+def test_cached_decoding_equals_teacher_forcing(device, with_tgt_mask, positional):
+    """A prefix of 3 tokens, then one token per call, with a cache: same logits and weights
+    (with rotary embeddings too: the cached keys were rotated at their own positions)."""
+    model = _tiny(device, positional=positional)
     src = _random_ids(3, 9, 64, device)
     src_mask = _lengths_mask([9, 5, 2], 9, "right", device)
     tgt = _random_ids(3, 7, 64, device)
@@ -215,10 +217,11 @@ def test_cached_decoding_equals_teacher_forcing(device, with_tgt_mask):
     assert full.cross_attentions[0][pads].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("positional", ["sinusoidal", "rope"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padding_is_invisible(device, side):
+def test_padding_is_invisible(device, side, positional):
     """A pair alone equals the same pair padded in a batch, whichever side the pads are on."""
-    model = _tiny(device)
+    model = _tiny(device, positional=positional)
     src_a, tgt_a = _random_ids(1, 5, 64, device), _random_ids(1, 4, 64, device)
     src_b, tgt_b = _random_ids(1, 8, 64, device), _random_ids(1, 6, 64, device)
     pad = 0
@@ -259,6 +262,24 @@ def test_decoder_is_causal_and_reads_the_source(device):
     assert (later_changed[:, 4:] - logits[:, 4:]).abs().amax(dim=-1).gt(1e-4).all()
     # Every target position sees the whole source, the last token included.
     assert (source_changed - logits).abs().amax(dim=-1).gt(1e-4).all()
+
+
+def test_rope_rotates_inside_self_attention_only(device):
+    """positional="rope": nothing is added to the embeddings; the encoder's self-attention
+    rotates queries and keys (so the order of the source matters), cross-attention does not."""
+    model = _tiny(device, positional="rope")
+    assert model.positional is None and model.rotary is not None
+    assert model.rotary.head_dim == model.config.d_model // model.config.n_heads
+    src = _random_ids(2, 6, 64, device)
+    with torch.no_grad():
+        memory = model.encode(src)
+        flipped = model.encode(src.flip(1)).flip(1)  # the same tokens in reverse order
+        model.rotary = None  # no positions at all: a bag of tokens
+        bag, bag_flipped = model.encode(src), model.encode(src.flip(1)).flip(1)
+    assert (bag - bag_flipped).abs().max().item() < ATOL  # permutation-equivariant
+    assert (memory - flipped).abs().amax(-1).gt(1e-4).all()  # positions matter with RoPE
+    embedded = model._embed(model.src_embed, src, torch.arange(6, device=device))
+    assert torch.equal(embedded, model.src_embed(src) * model.embed_scale)  # no PE added
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +344,8 @@ def test_presets_and_overrides():
         (dict(src_vocab_size=10, tgt_vocab_size=12), "src_vocab_size=10, tgt_vocab_size=12"),
         (dict(n_heads=5), "d_model=64 must be divisible by n_heads=5"),
         (dict(d_model=63, n_heads=1), "d_model=63 must be even"),
+        (dict(positional="alibi"), r"positional must be one of \('sinusoidal', 'rope'\)"),
+        (dict(d_model=12, n_heads=4, positional="rope"), "head width d_model / n_heads = 3"),
         (dict(n_encoder_layers=0), "n_encoder_layers=0"),
         (dict(bos_id=64), r"bos_id=64 must be a target id in \[0, tgt_vocab_size=64\)"),
     ],

@@ -12,6 +12,11 @@ The whole model, top to bottom::
 
 * Embeddings are multiplied by sqrt(D) (section 3.4) so that the token vectors are not
   drowned by the sinusoidal position encoding PE (section 3.5), whose entries lie in [-1, 1].
+* ``positional="rope"`` replaces PE by rotary embeddings (Su et al. 2021) inside every
+  self-attention, encoder and decoder: no vector is added to the embeddings, queries and keys
+  are rotated by their positions (the same positions PE would use), so self-attention scores
+  depend on relative offsets only. Cross-attention is not rotated (source and target
+  positions are different sequences).
 * ``share_embeddings`` (the paper's default, with one 37k BPE vocabulary for both languages)
   uses a single matrix for the source embedding, the target embedding and the output
   projection ``lm_head`` (a matrix without bias), so it needs equal vocabulary sizes.
@@ -52,7 +57,9 @@ from labkit.models.base import (
 )
 from labkit.nn.cache import EncoderDecoderCache
 from labkit.nn.layers import DecoderLayer, EncoderLayer, LayerNorm
-from labkit.nn.positional import SinusoidalPositionalEncoding
+from labkit.nn.positional import RotaryEmbedding, SinusoidalPositionalEncoding
+
+POSITIONAL = ("sinusoidal", "rope")
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -94,6 +101,7 @@ class TransformerConfig(ModelConfig):
     dropout: float = 0.1
     max_len: int = 1024  # longest source, and longest target, in tokens
     norm_first: bool = False  # False: post-LN, as in the paper
+    positional: str = "sinusoidal"  # or "rope": rotary embeddings in every self-attention
     activation: str = "relu"
     share_embeddings: bool = True  # one matrix for source, target and output (section 3.4)
     bos_id: int = 2
@@ -107,6 +115,13 @@ class TransformerConfig(ModelConfig):
         )  # fmt: skip
         self._check_heads(self.n_heads)
         self._check_dropout()
+        if self.positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {self.positional!r}")
+        if self.positional == "rope" and (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"positional='rope' rotates pairs of dimensions, so the head width "
+                f"d_model / n_heads = {self.d_model // self.n_heads} must be even"
+            )
         if self.d_model % 2 != 0:
             raise ValueError(
                 f"d_model={self.d_model} must be even: the sinusoidal encoding fills columns "
@@ -181,7 +196,8 @@ class Transformer(nn.Module, PresetModel):
     """Encoder-decoder Transformer; see the module docstring for the wiring.
 
     Submodules: ``src_embed`` and ``tgt_embed`` (``nn.Embedding``, one object when
-    ``share_embeddings``), ``positional`` (``SinusoidalPositionalEncoding``), ``dropout``,
+    ``share_embeddings``), ``positional`` (``SinusoidalPositionalEncoding``, or None with
+    ``positional="rope"``), ``rotary`` (``RotaryEmbedding`` or None), ``dropout``,
     ``encoder_layers`` / ``decoder_layers`` (``nn.ModuleList`` of labkit ``EncoderLayer`` /
     ``DecoderLayer``), ``encoder_norm`` / ``decoder_norm`` (``LayerNorm``, or None for
     post-LN) and ``lm_head`` (``nn.Linear`` D -> V, tied to ``tgt_embed`` when shared).
@@ -196,7 +212,11 @@ class Transformer(nn.Module, PresetModel):
             self.tgt_embed = self.src_embed
         else:
             self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
-        self.positional = SinusoidalPositionalEncoding(c.d_model, max_len=c.max_len)
+        rope = c.positional == "rope"
+        self.positional = (
+            None if rope else SinusoidalPositionalEncoding(c.d_model, max_len=c.max_len)
+        )
+        self.rotary = RotaryEmbedding(c.d_model // c.n_heads) if rope else None
         self.dropout = nn.Dropout(c.dropout)
         layer_args = dict(
             d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
@@ -224,9 +244,11 @@ class Transformer(nn.Module, PresetModel):
         return EncoderDecoderCache.empty(self.config.n_decoder_layers)
 
     def _embed(self, embedding: nn.Embedding, ids: Tensor, positions: Tensor) -> Tensor:
-        """ids (B, T), positions (T,) or (B, T) -> dropout(embedding * sqrt(D) + PE), (B, T, D)."""
+        """ids (B, T), positions (T,) or (B, T) -> dropout(embedding * sqrt(D) + PE), (B, T, D);
+        no PE with rotary embeddings (they act inside attention)."""
         x = embedding(ids) * self.embed_scale  # (B, T, D)
-        x = x + self.positional.pe[positions].to(x.dtype)  # PE (T, D) or (B, T, D)
+        if self.positional is not None:
+            x = x + self.positional.pe[positions].to(x.dtype)  # PE (T, D) or (B, T, D)
         return self.dropout(x)
 
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
@@ -262,7 +284,10 @@ class Transformer(nn.Module, PresetModel):
         x = self._embed(self.src_embed, src_ids, positions)  # (B, S, D)
         stack = run_layers(
             self.encoder_layers, x,
-            lambda i, layer, h: layer(h, attn_mask, need_weights=need_weights),
+            lambda i, layer, h: layer(
+                h, attn_mask, need_weights=need_weights, rotary=self.rotary,
+                positions=positions if self.rotary is not None else None,
+            ),
             need_weights=need_weights, output_hidden_states=output_hidden_states,
         )  # fmt: skip
         x = stack.hidden
@@ -339,6 +364,7 @@ class Transformer(nn.Module, PresetModel):
             lambda i, layer, h: layer(
                 h, memory, self_mask=self_mask, memory_mask=memory_mask, is_causal=True,
                 need_weights=need_weights, cache=None if cache is None else cache.layers[i],
+                rotary=self.rotary, positions=positions if self.rotary is not None else None,
             ),
             need_weights=need_weights, output_hidden_states=output_hidden_states,
         )  # fmt: skip

@@ -421,6 +421,8 @@ class DecoderLayer(nn.Module):
         is_causal: bool = True,
         need_weights: bool = False,
         cache: DecoderLayerCache | None = None,
+        rotary: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        positions: Tensor | None = None,
     ) -> LayerOutput:
         """Decode ``x`` while attending to ``memory``.
 
@@ -436,6 +438,10 @@ class DecoderLayer(nn.Module):
                 cache (the new token sees every cached one).
             need_weights: also return both attention weights.
             cache: ``DecoderLayerCache()`` for incremental decoding, updated in place.
+            rotary: e.g. ``RotaryEmbedding(head_dim)``, applied to the self-attention's
+                queries and keys (not to cross-attention).
+            positions: (T,) or (B, T) positions for ``rotary``, default
+                ``arange(past, past + T)``.
 
         Returns:
             LayerOutput(hidden (B, T, D), self_weights (B, H, T, past + T) or None,
@@ -453,7 +459,8 @@ class DecoderLayer(nn.Module):
         def self_attention(h: Tensor) -> AttentionOutput:
             return self.self_attn(
                 h, mask=self_mask, is_causal=is_causal, need_weights=need_weights,
-                cache=None if cache is None else cache.self_attn,
+                cache=None if cache is None else cache.self_attn, rotary=rotary,
+                positions=positions,
             )
 
         def cross_attention(h: Tensor) -> AttentionOutput:
