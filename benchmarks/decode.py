@@ -1,6 +1,8 @@
 """Decoding speed against the hardware limit: labkit's paths vs ``transformers`` vs llama.cpp.
 
-One run, one prompt (SmolLM2-135M-Instruct's chat template around ``PROMPT``), greedy decoding
+One run, one prompt (SmolLM2-135M-Instruct's chat template around ``PROMPTS[--prompt]``: an
+open-ended story by default, or ``--prompt copy``, a text to repeat, where prompt-lookup drafts
+are accepted; the two show the range of speculative decoding's gain), greedy decoding
 of exactly ``--new-tokens`` tokens at batch 1, every row timed in the same process except
 llama.cpp (a child process in its own virtual environment). The rows alternate for
 ``--rounds`` rounds (reversed order every other round) and each figure is the median, so a
@@ -64,7 +66,15 @@ from labkit.inference import (
 )
 from labkit.models.pretrained import load, smollm2_gguf
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PROMPTS = {
+    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "copy": "Repeat the following paragraph exactly, word for word:\n\n"
+    "The lighthouse stood at the end of the rocky point, and every night for forty years "
+    "the keeper climbed its one hundred and twelve steps to light the lamp. He kept a log "
+    "of every ship that passed, every storm that came in from the west, and every bird that "
+    "rested on the rail of the gallery. One morning in late autumn he found a green glass "
+    "bottle wedged between two stones at the waterline, and inside it a letter.",
+}
 # labkit's FastLM rows: name -> (precision, compile, speculative)
 FAST_ROWS = {
     "fp32": ("fp32", False, "none"),
@@ -131,6 +141,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt", choices=PROMPTS, default="story", help="open-ended or copy")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
@@ -154,11 +165,11 @@ def main() -> int:
 
     pretrained = load("smollm2-135m-instruct", reference="transformers" in args.rows)
     model, tokenizer = pretrained.model.to(device).eval(), pretrained.tokenizer
-    messages = [{"role": "user", "content": PROMPT}]
+    messages = [{"role": "user", "content": PROMPTS[args.prompt]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
     n = args.new_tokens
-    print(f"prompt: {ids.shape[1]} tokens; {n} new tokens, greedy, batch 1")
+    print(f"prompt {args.prompt!r}: {ids.shape[1]} tokens; {n} new tokens, greedy, batch 1")
     options = dict(max_new_tokens=n, min_new_tokens=n)
 
     rows: list[Row] = []
@@ -211,6 +222,7 @@ def main() -> int:
             def run_fast(fast=fast, speculative=speculative) -> list[int]:
                 with torch.inference_mode():
                     out = fast.generate(ids, speculative=speculative, **options)
+                run_fast.stats = out.speculative  # acceptance of the prompt-lookup drafts
                 return out.new_tokens[0].tolist()
 
             label = f"labkit {precision} static cache" + (" + compile" if compiled else "")
@@ -222,6 +234,12 @@ def main() -> int:
 
     for row in rows:  # warm-up (and the reference tokens)
         row.tokens = row.run()
+        stats = getattr(row.run, "stats", None)
+        if stats is not None:
+            row.note = (
+                f"{stats.accepted} of {stats.proposed} draft tokens accepted "
+                f"({stats.acceptance_rate:.0%}), {stats.forward_passes} forward passes for {n}"
+            )
     for r in range(args.rounds):
         for row in rows if r % 2 == 0 else rows[::-1]:
             tokens, wall, cpu = timed(row.run)

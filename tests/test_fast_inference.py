@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from labkit.generation import generate, prompt_lookup_draft, stream
+from labkit.generation import generate, prompt_lookup_draft
 from labkit.inference import (
     FastLM,
     Int4Linear,
@@ -241,17 +241,22 @@ def test_compiled_step_is_traced_once_then_never_again(kind):
     assert spec.speculative.proposed > 0 and _graphs_compiled() == compiled
 
 
-def test_inductor_step_gives_the_reference_tokens():
-    """The real compile (inductor's generated kernels) on a one-layer model."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inductor_step_gives_the_reference_tokens(precision):
+    """The real compile (inductor's generated kernels) on a one-layer model: the tokens of
+    the same weights decoded eagerly with the growing cache, in float32 and in bfloat16."""
+    import torch._inductor.config
+
     model = _tiny("llama", n_layers=1)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
-    fast = FastLM(model, compile=True)
-    fast.warm_up(batch=1, max_len=6 + 10)
+    fast = FastLM(model, precision=precision, compile=True)
+    with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers
+        fast.warm_up(batch=1, max_len=6 + 10)
     compiled = _graphs_compiled()
     out = fast.generate(ids, max_new_tokens=10)
     assert _graphs_compiled() == compiled  # nothing recompiled after the warm-up
-    assert torch.equal(out.new_tokens, generate(model, ids, max_new_tokens=10).new_tokens)
+    assert torch.equal(out.new_tokens, generate(fast.model, ids, max_new_tokens=10).new_tokens)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
@@ -400,7 +405,7 @@ def test_speculative_errors():
 # ----------------------------------------------------------------------------------------------
 
 QUESTION = "What is the capital of France?"
-N_NEW = 16
+N_NEW = 10  # SmolLM2 answers "The capital of France is Paris." and stops (eos) after 8
 
 
 @pytest.fixture(scope="module")
@@ -412,20 +417,25 @@ def smol_prompt(smollm2):
     return torch.tensor([smollm2.tokenizer.encode(text, add_special_tokens=False)])
 
 
-def test_smollm2_fast_fp32_and_bf16_tokens_are_the_reference_tokens(smollm2, smol_prompt):
+@pytest.fixture(scope="module")
+def smol_fast(smollm2):
+    """SmolLM2 as an fp32 ``FastLM`` (eager step), shared: each one copies the weights."""
+    return FastLM(smollm2.model)
+
+
+def test_smollm2_fast_fp32_tokens_are_transformers_tokens(smollm2, smol_prompt, smol_fast):
+    """bf16's exact tokens (against bf16 decoded eagerly) are checked on the tiny models
+    above, eager and compiled."""
     ids = smol_prompt
     expected = smollm2.reference.generate(
         ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N_NEW,
         pad_token_id=smollm2.tokenizer.pad_token_id,
     )[0, ids.shape[1]:]  # fmt: skip
-    fp32 = FastLM(smollm2.model).generate(ids, max_new_tokens=N_NEW)
-    assert torch.equal(fp32.new_tokens[0, : len(expected)], expected)  # transformers' tokens
-    bf16_model = to_bf16(smollm2.model)
-    bf16 = FastLM(bf16_model, precision="bf16").generate(ids, max_new_tokens=N_NEW)
-    assert torch.equal(bf16.new_tokens, generate(bf16_model, ids, max_new_tokens=N_NEW).new_tokens)
+    fp32 = smol_fast.generate(ids, max_new_tokens=N_NEW)
+    assert torch.equal(fp32.new_tokens[0], expected)  # transformers' tokens, eos included
 
 
-def test_smollm2_prompt_lookup_accepts_quoted_text(smollm2):
+def test_smollm2_prompt_lookup_accepts_quoted_text(smollm2, smol_fast):
     """Asked to repeat a sentence, the model quotes its prompt: drafts are accepted."""
     tokenizer = smollm2.tokenizer
     sentence = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -433,22 +443,23 @@ def test_smollm2_prompt_lookup_accepts_quoted_text(smollm2):
         [{"role": "user", "content": f"Repeat exactly: {sentence}"}],
         add_generation_prompt=True, tokenize=False,
     )  # fmt: skip
-    greedy = generate(smollm2.model, text, tokenizer=tokenizer, max_new_tokens=20)
-    fast = FastLM(smollm2.model).generate(
-        text, tokenizer, max_new_tokens=20, speculative="prompt-lookup"
-    )
+    greedy = generate(smollm2.model, text, tokenizer=tokenizer, max_new_tokens=16)
+    fast = smol_fast.generate(text, tokenizer, max_new_tokens=16, speculative="prompt-lookup")
     assert torch.equal(fast.new_tokens, greedy.new_tokens)
     assert fast.speculative.acceptance_rate > 0.3, fast.speculative
-    assert fast.speculative.forward_passes < greedy.new_tokens.shape[1]
+    assert fast.speculative.forward_passes < greedy.new_tokens.shape[1] / 2
 
 
 def test_smollm2_int8_int4_perplexity_within_2_and_5_percent(smollm2):
+    """Held-out Shakespeare, one window of 256 tokens (deterministic: no load or seed
+    dependence); measured 38.20 / 38.27 / 38.32, and on 512 tokens 43.43 / 43.74 / 43.50."""
     from labkit.data import load_shakespeare
 
-    text = "\n".join(load_shakespeare("tiny")["test"]["text"])[:6000]
-    ids = smollm2.tokenizer.encode(text, add_special_tokens=False)[:512]
+    text = "\n".join(load_shakespeare("tiny")["test"]["text"])[:3000]
+    ids = smollm2.tokenizer.encode(text, add_special_tokens=False)[:256]
+    assert len(ids) == 256
     ppl = {
-        precision: perplexity(model, ids, block_size=256, batch_size=2)
+        precision: perplexity(model, ids, block_size=256)
         for precision, model in (
             ("fp32", smollm2.model),
             ("int8", quantize(smollm2.model, "int8")),
@@ -483,16 +494,14 @@ def test_labkit_generate_cli_streams_text_and_reports_speed(smollm2, monkeypatch
     assert code == 2 and "applies to int8 / int4" in capsys.readouterr().err
 
 
-def test_run_generate_is_the_cli_as_a_function(smollm2):
-    fast = FastLM(smollm2.model)
+def test_run_generate_is_the_cli_as_a_function(smollm2, smol_fast):
     pieces: list[str] = []
     result = run_generate(
-        QUESTION, model=fast, tokenizer=smollm2.tokenizer, chat=True, max_new_tokens=8,
+        QUESTION, model=smol_fast, tokenizer=smollm2.tokenizer, chat=True, max_new_tokens=8,
         on_text=pieces.append,
     )  # fmt: skip
     assert result.text == "".join(pieces) and result.text.startswith("The capital of France")
     assert result.new_tokens == 8 and result.tokens_per_s > 0
     assert result.summary().startswith("8 tokens in ")
-    assert "".join(stream(smollm2.model, "Hi", smollm2.tokenizer, max_new_tokens=3))
     with pytest.raises(ValueError, match="top_p samples"):
-        run_generate("x", model=fast, tokenizer=smollm2.tokenizer, top_p=0.9)
+        run_generate("x", model=smol_fast, tokenizer=smollm2.tokenizer, top_p=0.9)
