@@ -15,7 +15,9 @@ The library, by layer:
   ``labkit.device`` (device, seed and precision helpers);
 - ``labkit.interp``: the activation cache and hooks of every model (``run_with_cache``),
   head statistics and detectors of recognisable heads;
-- ``labkit.viz``: heatmaps, training curves, confusion matrices, the ``AttentionExplorer``.
+- ``labkit.viz``: heatmaps, training curves, confusion matrices, the ``AttentionExplorer``;
+- ``labkit.apps``: applications of a language model: BM25 / dense / hybrid retrieval, prompt
+  chains and a tool-using agent loop with memory and a step budget.
 
 ``labkit.course`` is the course's own tooling (the ``labkit`` command, notebook runner, book
 build, exercises, grading, the char-GPT and BPE-GPT recipes), not library. Each subpackage

@@ -18,7 +18,9 @@ import labkit
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").rglob("*.ipynb"))
-SUBPACKAGES = ["nn", "models", "data", "train", "inference", "interp", "viz", "course"]
+SUBPACKAGES = [
+    "nn", "models", "data", "train", "inference", "interp", "viz", "apps", "course"
+]
 
 
 def _code(cell_source: str) -> str:
