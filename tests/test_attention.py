@@ -4,6 +4,7 @@ full causal pass, and the efficient variants (Linformer, Nyström, Performer) vs
 attention."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -1057,3 +1058,111 @@ def test_additive_attention_errors():
         attn(torch.randn(2, 1, 4), torch.randn(2, 5, 6), mask=torch.ones(2, 1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="at least 1"):
         AdditiveAttention(4, 0, 8)
+
+
+# ==============================================================================================
+# Limits and paths found by mutation testing (benchmarks/mutation.py attention)
+# ==============================================================================================
+
+
+def test_sdpa_limits_are_exact():
+    """2-D inputs (one sequence, no batch) are valid; each refusal names its shapes in full."""
+    q, k, v = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 2)
+    out, weights = scaled_dot_product_attention(q, k, v)
+    expected = torch.softmax(q @ k.T / 2, dim=-1)
+    assert torch.allclose(weights, expected, atol=1e-6)
+    assert torch.allclose(out, expected @ v, atol=1e-6)
+    cases = [
+        (((3, 4), (4,), (5, 4)), "q, k, v need at least 2 dims (..., len, dim), got shapes"),
+        (((2, 3, 4), (3, 5, 4), (2, 5, 4)), "leading (batch, head) dims do not broadcast: q"),
+        (((2, 3, 4), (2, 5, 4), (3, 5, 4)), "leading (batch, head) dims do not broadcast: q"),
+    ]
+    for shapes, start in cases:
+        q_, k_, v_ = (torch.randn(s) for s in shapes)
+        sizes = ", ".join(str(s) for s in shapes)
+        if start.startswith("leading"):
+            sizes = f"{shapes[0]}, k {shapes[1]}, v {shapes[2]}"
+        with pytest.raises(ValueError, match="^" + re.escape(f"{start} {sizes}") + "$"):
+            scaled_dot_product_attention(q_, k_, v_)
+    for p in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^dropout_p must be in \[0, 1\], got {p}$"):
+            scaled_dot_product_attention(q, k, v, dropout_p=p)
+    out, _ = scaled_dot_product_attention(q, k, v, dropout_p=1.0)  # valid: every weight dropped
+    assert torch.equal(out, torch.zeros(3, 2))
+
+
+def test_sdpa_backend_zeroes_a_query_whose_float_mask_blocks_every_key():
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(16, 4, backend="sdpa").eval()
+    math_ = MultiHeadAttention(16, 4, backend="math").eval()
+    math_.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 16)
+    mask = torch.zeros(2, 1, 3, 3)  # additive: 0 = may attend, -inf = blocked
+    mask[0, 0, 1] = float("-inf")  # batch 0, query 1: every key blocked
+    mask[1, 0, :, 2] = float("-inf")
+    with torch.no_grad():
+        out = fused(x, mask=mask).output
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, math_(x, mask=mask).output, atol=1e-6)
+    assert torch.equal(out[0, 1], fused.out_proj.bias.detach())  # a zero context, then the bias
+
+
+def test_sdpa_backend_applies_dropout_in_training_with_a_mask():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, dropout=0.5, backend="sdpa")
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, ..., 5] = False  # a mask: the backend's masked path
+    with torch.no_grad():
+        evaluated = mha.eval()(x, mask=mask).output
+        trained = mha.train()(x, mask=mask).output
+    assert (trained - evaluated).abs().max() > 0.1
+
+
+def test_a_hook_that_replaces_the_pattern_recomputes_the_output():
+    """A hook on hook_pattern moves the default backend off the fused kernel, and the output is
+    recomputed from the pattern the hook returned (here uniform: each query averages v)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+
+    def uniform(module, inputs, pattern):
+        return torch.full_like(pattern, 1 / pattern.shape[-1])
+
+    with torch.no_grad():
+        plain = mha(x).output
+        handle = mha.hook_pattern.register_forward_hook(uniform)
+        try:
+            patched = mha(x).output
+        finally:
+            handle.remove()
+        expected = mha.out_proj(mha.v_proj(x).mean(1, keepdim=True).expand(2, 5, 16))
+    assert torch.allclose(patched, expected, atol=1e-6)
+    assert (plain - expected).abs().max() > 1e-3
+
+
+def test_additive_attention_limits_names_and_no_biases():
+    attn = AdditiveAttention(4, 6, 8)
+    assert attn.query_proj.bias is None and attn.key_proj.bias is None
+    assert attn.score.bias is None  # as in the paper (a bias on v would not change softmax)
+    message = "key must be (batch, seq, d_model=6), got shape (2, 5, 5)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        attn(torch.randn(2, 1, 4), torch.randn(2, 5, 5))
+    for sizes in ((0, 4, 8), (4, 0, 8), (4, 4, 0)):
+        got = ", ".join(str(size) for size in sizes)
+        message = f"query_dim, key_dim and hidden_dim must be at least 1, got {got}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            AdditiveAttention(*sizes)
+    output, weights = AdditiveAttention(1, 1, 1)(torch.randn(1, 2, 1), torch.randn(1, 3, 1))
+    assert output.shape == (1, 2, 1)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2))
+
+
+def test_sdpa_float_mask_in_float32_keeps_bfloat16_inputs_bfloat16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4).bfloat16() for _ in range(3))
+    additive = torch.zeros(3, 3)  # float32, as masks are usually built
+    additive[0, 2] = float("-inf")
+    out, weights = scaled_dot_product_attention(q, k, v, mask=additive)
+    assert out.dtype == weights.dtype == torch.bfloat16
+    assert torch.equal(out, scaled_dot_product_attention(q, k, v, mask=additive == 0)[0])
