@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from labkit.data.hub import hub_unreachable
@@ -111,18 +112,64 @@ def load_smollm2(reference: bool = False) -> Pretrained:
     """SmolLM2-135M-Instruct (30 layers, 576 wide, 9 query / 3 key-value heads) in ``Llama``.
 
     The GGUF file holds 4-bit (Q4_1) weights; ``transformers`` (with ``gguf``) dequantizes them
-    to float32, which takes ~20 s on a laptop CPU. Load once and reuse.
+    to float32, which takes ~20-30 s on a laptop CPU. The float32 checkpoint is then kept in
+    ``dequantized_cache(gguf)`` (safetensors, ~540 MB), from which later loads take seconds.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from labkit.models.llama import Llama
 
     gguf = smollm2_gguf()
+    folder = dequantized_cache(gguf)
     with quiet_progress():
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if (folder / "config.json").is_file():
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            save_atomically(hf, tokenizer, folder)
     model = Llama.from_hf(hf).eval()
     return Pretrained(model, tokenizer, hf if reference else None)
+
+
+def dequantized_cache(gguf: Path) -> Path:
+    """Folder for the float32 copy of ``gguf``: under ``$LABKIT_CACHE`` (default
+    ``~/.cache/labkit``), named by the file's name, size and modification time and by the
+    ``transformers`` version that dequantized it, so a changed file or converter gets a new one.
+    """
+    import transformers
+
+    root = Path(os.environ.get("LABKIT_CACHE") or Path.home() / ".cache" / "labkit")
+    stat = gguf.stat()
+    key = f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    return root / key
+
+
+def save_atomically(hf: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """Save a ``transformers`` model and tokenizer to ``folder``, written under a temporary name
+    and renamed, so a reader never sees half a checkpoint; when the cache cannot be written
+    (read-only home, full disk, another process first) the load goes on without it."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    except OSError:
+        return
+    try:
+        # save_pretrained refuses a model loaded from GGUF; its float32 tensors and config are
+        # an ordinary checkpoint, written here as one (safetensors drops the tied duplicate)
+        save_model(hf, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        hf.config.save_pretrained(partial)
+        hf.generation_config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, folder)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_gpt2(name_or_path: str | os.PathLike, reference: bool = False) -> Pretrained:
