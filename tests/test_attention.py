@@ -427,17 +427,29 @@ def test_backends_agree_on_fully_masked_queries(device):
     torch.testing.assert_close(outputs[0][:, :3], mha.out_proj.bias.expand(2, 3, 16))
 
 
-def test_sdpa_backend_survives_kernels_that_return_nan_for_fully_masked_rows(monkeypatch, device):
-    # torch >= 2.5 zeroes such rows itself; older kernels used a plain softmax, whose all -inf
-    # rows are NaN in the forward and poison the backward. Emulate one.
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_backend_survives_kernels_that_return_nan_for_fully_masked_rows(
+    monkeypatch, device, kind
+):
+    # torch >= 2.5's CPU kernels zero such rows themselves; older kernels (and, as reported in
+    # pytorch#110213, CUDA's memory-efficient one) used a plain softmax, whose all -inf rows
+    # are NaN in the forward and poison the backward. Emulate one. Only sequence 1 is dead, so
+    # a guard that looked at the whole mask at once (not row by row) would let the NaN through.
     def unsafe_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1) @ v
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+        return torch.softmax(scores, dim=-1) @ v
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", unsafe_sdpa)
     mha = MultiHeadAttention(16, 4, backend="sdpa").to(device)
     x = torch.randn(2, 4, 16, device=device, requires_grad=True)
-    out = mha(x, mask=padding_mask([4, 0], max_len=4, device=device)).output
+    keep = padding_mask([4, 0], max_len=4, device=device)  # sequence 1 is all padding
+    if kind == "float":
+        keep = torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+    out = mha(x, mask=keep).output
     torch.testing.assert_close(out[1], mha.out_proj.bias.expand(4, 16))
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(mha.q_proj.weight.grad).all()
