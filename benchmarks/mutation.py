@@ -10,6 +10,7 @@ touched), and the per-module score is printed as a Markdown table.
     python benchmarks/mutation.py schedules norms      # some modules
     python benchmarks/mutation.py attention --survivors    # also list each surviving mutant's diff
     python benchmarks/mutation.py norms --recheck NAME...  # current tests against named mutants
+    python benchmarks/mutation.py llama --recheck NAME... -k "not smollm2"  # some tests only
 
 It is not part of ``python -m pytest`` (the default CI run): it is slow and its figure is a
 measurement, not a pass/fail check. Results and the surviving mutants judged equivalent are in
@@ -176,12 +177,14 @@ def run(name: str, show_survivors: bool, max_children: int) -> Counter:
     return counts
 
 
-def recheck(name: str, keys: list[str]) -> None:
+def recheck(name: str, keys: list[str], keyword: str | None = None) -> None:
     """Run the checkout's current tests of ``name`` against mutants of its last run, by name.
 
     After a test is added for a survivor: copies the target's test files (and conftest) into
     the scratch copy that ``run`` left and runs them with each mutant switched on, as mutmut
     does, without mutmut's time limit (a loaded machine makes that limit report timeouts).
+    ``keyword``: only the tests matching this ``pytest -k`` expression (it replaces the
+    target's own ``-k``), e.g. to leave out tests that load a real checkpoint.
     """
     target = TARGETS[name]
     mutants = ROOT / "build" / "mutation" / name / "mutants"
@@ -193,6 +196,8 @@ def recheck(name: str, keys: list[str]) -> None:
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p"]
     cmd += ["no:randomly", *target.pytest_args, *target.tests]
+    if keyword is not None:
+        cmd += ["-k", keyword]  # pytest keeps the last -k
     for key in keys:
         done = subprocess.run(
             cmd, cwd=mutants, env={**env, "MUTANT_UNDER_TEST": key}, capture_output=True, text=True
@@ -213,14 +218,19 @@ def main(argv: list[str] | None = None) -> None:
         metavar="MUTANT",
         help="run the current tests of one module against these mutants of its last run",
     )
+    parser.add_argument(
+        "-k", dest="keyword", help="with --recheck: only the tests matching this -k expression"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modules) - set(TARGETS))
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if args.keyword is not None and not args.recheck:
+        parser.error("-k goes with --recheck")
     if args.recheck:
         if len(args.modules) != 1:
             parser.error("--recheck needs exactly one module")
-        recheck(args.modules[0], args.recheck)
+        recheck(args.modules[0], args.recheck, args.keyword)
         return
     rows = []
     for name in args.modules or list(TARGETS):

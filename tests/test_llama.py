@@ -7,6 +7,7 @@ session fixture ``smollm2``) is compared on chat-templated prompts, padded and c
 """
 
 import dataclasses
+import re
 import types
 
 import pytest
@@ -15,7 +16,7 @@ import transformers
 
 from labkit.models.base import CausalLMOutput
 from labkit.models.llama import Llama, LlamaConfig, hf_name_map
-from labkit.nn.cache import ModelCache
+from labkit.nn.cache import ModelCache, StaticCache
 from labkit.nn.positional import RotaryEmbedding
 
 ATOL = 1e-4
@@ -28,7 +29,7 @@ PROMPTS = [
 
 
 def _hf_tiny(
-    tie: bool, device: torch.device, rope_scaling: dict | None = None
+    tie: bool, device: torch.device, rope_scaling: dict | None = None, eps: float = 1e-6
 ) -> transformers.LlamaForCausalLM:
     """A random 2-layer GQA Llama in transformers (4 query heads, 2 key/value heads)."""
     config = transformers.LlamaConfig(
@@ -41,7 +42,7 @@ def _hf_tiny(
         max_position_embeddings=256,
         rope_theta=500.0,
         rope_scaling=rope_scaling,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=eps,
         tie_word_embeddings=tie,
         initializer_range=0.1,
     )
@@ -156,8 +157,37 @@ def test_from_hf_rejects_a_shape_mismatch():
 def test_from_hf_rejects_unknown_weights():
     hf = _hf_tiny(False, torch.device("cpu"))
     hf.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(64))
-    with pytest.raises(ValueError, match=r"unexpected.*q_proj\.bias"):
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected in Hugging Face: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]",
+    ):
         Llama.from_hf(hf)
+
+
+def test_from_hf_takes_a_tied_checkpoint_that_lists_its_head():
+    """A loader may give a tied model's head as a parameter of its own: it is the embedding."""
+    hf = _hf_tiny(True, torch.device("cpu"))
+    hf.lm_head.weight = torch.nn.Parameter(hf.model.embed_tokens.weight.detach().clone())
+    assert "lm_head.weight" in dict(hf.named_parameters())
+    model = Llama.from_hf(hf)
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_to_hf_refusals_name_the_parameter():
+    model = Llama.from_preset("tiny")
+    model.layers[1].ffn.up_proj.weight = torch.nn.Parameter(torch.zeros(170, 64))
+    with pytest.raises(
+        ValueError, match=r"labkit's Llama layers\.1\.ffn\.up_proj\.weight is \(170, 64\)"
+    ):
+        model.to_hf()
+    model = Llama.from_preset("tiny")
+    model.layers[0].self_attn.q_proj.lora_A = torch.nn.Parameter(torch.zeros(2, 64))
+    message = (
+        "parameters ['layers.0.self_attn.q_proj.lora_A'] have no Hugging Face name: to_hf "
+        "exports a plain Llama (merge LoRA adapters first with labkit.models.lora.merged)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        model.to_hf()
 
 
 def test_name_map_covers_every_labkit_parameter():
@@ -235,7 +265,11 @@ def test_ntk_rope_scaling_config():
     expected = RotaryEmbedding(model.config.head_dim, 1e4, "ntk", 2.0).inv_freq()
     assert torch.equal(model.rotary.inv_freq(), expected)
     assert not torch.equal(expected, RotaryEmbedding(model.config.head_dim).inv_freq())
-    with pytest.raises(ValueError, match="'ntk' has no transformers equivalent"):
+    message = (
+        "rope_scaling='ntk' has no transformers equivalent (its 'dynamic' type recomputes the "
+        "base from the sequence length): export with 'none' or 'linear'"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model.config.to_hf()
 
 
@@ -248,7 +282,12 @@ def test_ntk_rope_scaling_config():
     [
         (dict(n_heads=4, n_kv_heads=3), "n_heads=4 must be divisible by n_kv_heads=3"),
         (dict(d_model=66, n_heads=4), "d_model=66 must be divisible by n_heads=4"),
-        (dict(d_model=60, n_heads=4), "head_dim .* 15 must be even"),
+        (
+            dict(d_model=60, n_heads=4),
+            "^head_dim = d_model / n_heads = 15 must be even: RoPE rotates dimensions in pairs$",
+        ),
+        (dict(rope_theta=0.0), r"^rope_theta and eps must be > 0, got rope_theta=0\.0, eps=1e-05$"),
+        (dict(eps=0.0), r"^rope_theta and eps must be > 0, got rope_theta=10000\.0, eps=0\.0$"),
         (dict(n_layers=0), "n_layers must be at least 1"),
         (dict(rope_scaling="yarn"), "rope_scaling must be one of"),
         (dict(rope_scaling="linear", rope_factor=0.5), "rope_factor must be >= 1"),
@@ -258,6 +297,77 @@ def test_ntk_rope_scaling_config():
 def test_config_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         LlamaConfig(**fields)
+
+
+def test_config_accepts_a_small_positive_rope_theta():
+    assert LlamaConfig(rope_theta=0.5).rope_theta == 0.5  # > 0 is the rule, not > 1
+
+
+def _hf_config(**fields) -> types.SimpleNamespace:
+    """A transformers-like config holding only the sizes and ``fields``: every optional
+    attribute (rope_theta, rope_parameters, rope_scaling, num_key_value_heads, head_dim,
+    tie_word_embeddings, hidden_act, attention_bias, mlp_bias) is absent unless given."""
+    sizes = dict(
+        vocab_size=256, max_position_embeddings=256, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64, intermediate_size=172, rms_norm_eps=1e-5, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    return types.SimpleNamespace(**{**sizes, **fields})
+
+
+def test_config_from_hf_defaults_for_absent_fields():
+    config = LlamaConfig.from_hf(_hf_config(eos_token_id=[]))
+    assert config == LlamaConfig(n_kv_heads=4, rope_theta=10000.0, tie_weights=False)
+    assert config.eos_id is None  # an empty list of end ids is no id
+
+
+def test_config_from_hf_reads_each_rope_layout_alone():
+    # transformers 5: only rope_parameters, no rope_theta or rope_scaling attribute
+    new = _hf_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+    config = LlamaConfig.from_hf(new)
+    assert (config.rope_scaling, config.rope_factor, config.rope_theta) == ("linear", 2.0, 500.0)
+    # transformers 4: a rope_theta attribute beside rope_scaling None
+    assert LlamaConfig.from_hf(_hf_config(rope_theta=500.0, rope_scaling=None)).rope_theta == 500.0
+    # a linear type without its factor stretches by 1; a factor beside the default type is unused
+    config = LlamaConfig.from_hf(_hf_config(rope_scaling={"type": "linear"}))
+    assert (config.rope_scaling, config.rope_factor) == ("linear", 1.0)
+    config = LlamaConfig.from_hf(
+        _hf_config(rope_parameters={"rope_type": "default", "factor": 2.0})
+    )
+    assert (config.rope_scaling, config.rope_factor) == ("none", 1.0)
+
+
+NO_BIASES = "attention_bias / mlp_bias are not supported: Llama has no biases"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(attention_bias=True), NO_BIASES),
+        (dict(mlp_bias=True), NO_BIASES),
+        (dict(hidden_act="gelu"), "hidden_act must be 'silu' (SwiGLU), got 'gelu'"),
+        (dict(head_dim=32), "head_dim=32 * num_attention_heads=4 must equal hidden_size=64"),
+        (dict(hidden_size=66), "head_dim=16 * num_attention_heads=4 must equal hidden_size=66"),
+        (
+            dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+            "RoPE scaling type 'dynamic' is not supported: labkit's Llama loads ['default', "
+            "'linear'] only. (Hugging Face's 'dynamic' recomputes the base from the running "
+            "sequence length; labkit's rope_scaling='ntk' keeps one fixed base, so the two "
+            "differ and no conversion is made.)",
+        ),
+    ],
+)  # fmt: skip
+def test_config_from_hf_refusals_in_full(fields, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        LlamaConfig.from_hf(_hf_config(**fields))
+
+
+def test_config_to_hf_round_trips():
+    for config in (
+        LlamaConfig(max_len=300, eps=1e-3, rope_theta=500.0, bos_id=1, eos_id=2, pad_id=3),
+        LlamaConfig(rope_scaling="linear", rope_factor=2.0, tie_weights=False),
+    ):
+        assert LlamaConfig.from_hf(config.to_hf()) == config
 
 
 def test_presets():
@@ -333,6 +443,50 @@ def test_init_and_tying():
     assert torch.equal(model.norm.weight, torch.ones(64))
     untied = Llama.from_preset("tiny", tie_weights=False)
     assert untied.num_parameters() - model.num_parameters() == 256 * 64
+
+
+def test_final_norm_eps_matches_transformers():
+    """A large rms_norm_eps, so that a norm left at its default eps shows in the logits."""
+    hf = _hf_tiny(True, torch.device("cpu"), eps=0.5)
+    model = Llama.from_hf(hf)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= ATOL
+
+
+def test_training_mode_has_no_dropout():
+    model = Llama.from_preset("tiny").train()
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_hidden_states_only_when_asked():
+    model = Llama.from_preset("tiny").eval()
+    ids = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert model(ids).hidden_states is None
+        out = model(ids, output_hidden_states=True)
+        assert len(out.hidden_states) == model.config.n_layers + 1
+        torch.testing.assert_close(out.hidden_states[0], model.embed_tokens(ids))
+        torch.testing.assert_close(model.norm(out.hidden_states[-1]), out.hidden)
+
+
+def test_static_cache_equals_full_pass():
+    model = Llama.from_preset("tiny").eval()
+    ids, mask = _left_pad([torch.randint(1, 256, (n,)).tolist() for n in (8, 5)], pad_id=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = model.new_cache(2, 10)
+        steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]
+        for t in (6, 7):
+            step = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            steps.append(step.logits)
+    assert isinstance(cache, StaticCache) and cache.seq_len == 8
+    assert cache.layers[0].k.shape == (2, 2, 10, 16)  # (B, H_kv, max_len, head_dim)
+    real = mask.bool()
+    assert (torch.cat(steps, dim=1)[real] - full[real]).abs().max() <= 1e-5
+    assert model.new_cache(1, 4, dtype=torch.bfloat16).layers[0].k.dtype == torch.bfloat16
 
 
 def test_input_errors():
