@@ -20,11 +20,13 @@ measurement, not a pass/fail check. Results and the surviving mutants judged equ
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,12 +179,31 @@ def run(name: str, show_survivors: bool, max_children: int) -> Counter:
     return counts
 
 
+def _forked_pytest(args: list[str], key: str) -> tuple[int, str]:
+    """pytest.main(args) in a forked child with mutant ``key`` switched on: (exit code, output)."""
+    import pytest
+
+    with tempfile.TemporaryFile("w+") as out:
+        pid = os.fork()
+        if pid == 0:  # the child: mutmut's trampolines read MUTANT_UNDER_TEST at each call
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            os.environ["MUTANT_UNDER_TEST"] = key
+            code = pytest.main(args)
+            sys.stdout.flush()
+            os._exit(int(code))
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read()
+
+
 def recheck(name: str, keys: list[str], keyword: str | None = None) -> None:
     """Run the checkout's current tests of ``name`` against mutants of its last run, by name.
 
     After a test is added for a survivor: copies the target's test files (and conftest) into
     the scratch copy that ``run`` left and runs them with each mutant switched on, as mutmut
     does, without mutmut's time limit (a loaded machine makes that limit report timeouts).
+    Like mutmut, it imports the mutated module once and forks one pytest run per mutant.
     ``keyword``: only the tests matching this ``pytest -k`` expression (it replaces the
     target's own ``-k``), e.g. to leave out tests that load a real checkpoint.
     """
@@ -192,18 +213,16 @@ def recheck(name: str, keys: list[str], keyword: str | None = None) -> None:
         sys.exit(f"no earlier run of {name}: run `python benchmarks/mutation.py {name}` first")
     for test in ("tests/conftest.py", *target.tests):
         shutil.copy(ROOT / test, mutants / test)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p"]
-    cmd += ["no:randomly", *target.pytest_args, *target.tests]
-    if keyword is not None:
-        cmd += ["-k", keyword]  # pytest keeps the last -k
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.chdir(mutants)  # the scratch copy's labkit, not the checkout's (PYTHONPATH)
+    sys.path[:] = [str(mutants)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    importlib.import_module(target.source.removesuffix(".py").replace("/", "."))
+    args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *target.pytest_args]
+    args += list(target.tests) + ([] if keyword is None else ["-k", keyword])
     for key in keys:
-        done = subprocess.run(
-            cmd, cwd=mutants, env={**env, "MUTANT_UNDER_TEST": key}, capture_output=True, text=True
-        )
-        verdict = {0: "survived", 1: "killed"}.get(done.returncode, f"error {done.returncode}")
-        failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+        code, output = _forked_pytest(args, key)
+        verdict = {0: "survived", 1: "killed"}.get(code, f"error {code}")
+        failed = [line for line in output.splitlines() if line.startswith("FAILED")]
         print(f"{key}: {verdict}" + (f" ({failed[0][7:]})" if failed else ""), flush=True)
 
 
