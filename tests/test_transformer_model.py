@@ -247,6 +247,44 @@ def test_padding_is_invisible(device, side, positional):
     assert (changed[0, real_tgt] - alone).abs().max().item() < ATOL
 
 
+def test_attentions_and_hidden_states_only_when_asked():
+    model = _tiny()
+    c = model.config
+    src, tgt = _random_ids(2, 5, 64, "cpu"), _random_ids(2, 3, 64, "cpu")
+    src_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        plain = model(src, tgt, src_mask)
+        memory = model.encode(src, src_mask)
+        decoded = model.decode(tgt, memory, src_mask=src_mask)
+        outs = [model(src, tgt, src_mask, need_weights=True)]
+        outs.append(model(src, tgt, src_mask, output_attentions=True, output_hidden_states=True))
+    assert plain[1:] == (None,) * 5 and decoded[1:] == (None,) * 5
+    for out in outs:
+        torch.testing.assert_close(out.logits, plain.logits)
+        assert [len(out.encoder_attentions), len(out.self_attentions)] == [2, 2]
+        assert len(out.cross_attentions) == c.n_decoder_layers
+        for weights, shape in (
+            (out.encoder_attentions, (2, 4, 5, 5)),
+            (out.self_attentions, (2, 4, 3, 3)),
+            (out.cross_attentions, (2, 4, 3, 5)),
+        ):
+            assert all(w.shape == shape for w in weights)
+            torch.testing.assert_close(weights[0].sum(-1), torch.ones(shape[:-1]))
+        assert out.cross_attentions[0][1, :, :, 3:].abs().max() == 0  # padded source keys
+    assert outs[0].encoder_hidden_states is None and outs[0].decoder_hidden_states is None
+    states = outs[1].encoder_hidden_states
+    assert len(states) == c.n_encoder_layers + 1 and len(outs[1].decoder_hidden_states) == 3
+    last = states[-1] if model.encoder_norm is None else model.encoder_norm(states[-1])
+    torch.testing.assert_close(last, memory)
+
+
+def test_hook_points_cover_the_encoder_then_the_decoder():
+    names = list(_tiny(n_decoder_layers=3).hook_points())
+    blocks = list(dict.fromkeys(".".join(name.split(".")[:3]) for name in names))
+    expected = [f"encoder.blocks.{i}" for i in range(2)] + [f"decoder.blocks.{i}" for i in range(3)]
+    assert blocks == expected
+
+
 def test_decoder_is_causal_and_reads_the_source(device):
     model = _tiny(device)
     src, tgt = _random_ids(2, 6, 64, device), _random_ids(2, 8, 64, device)
@@ -371,6 +409,10 @@ def test_bad_inputs_raise(device):
         ValueError, match=r"src_mask must be \(batch, seq\) = \(2, 5\), got \(2, 4\)"
     ):
         model(src, tgt, src_mask=torch.ones(2, 4, device=device))
+    with pytest.raises(
+        ValueError, match=r"^src_mask must be \(batch, seq\) = \(2, 5\), got \(2, 4\)$"
+    ):  # decode checks its own src_mask against the memory
+        model.decode(tgt, memory, src_mask=torch.ones(2, 4, device=device))
     with pytest.raises(ValueError, match=r"tgt_mask must be \(batch, seq\) = \(2, 3\)"):
         model(src, tgt, tgt_mask=torch.ones(3, 3, device=device))
     with pytest.raises(ValueError, match=r"memory must be \(batch=2, src_len, d_model=64\)"):
