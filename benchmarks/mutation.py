@@ -20,7 +20,9 @@ measurement, not a pass/fail check. Results and the surviving mutants judged equ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import shutil
@@ -203,7 +205,8 @@ def recheck(name: str, keys: list[str], keyword: str | None = None) -> None:
     After a test is added for a survivor: copies the target's test files (and conftest) into
     the scratch copy that ``run`` left and runs them with each mutant switched on, as mutmut
     does, without mutmut's time limit (a loaded machine makes that limit report timeouts).
-    Like mutmut, it imports the mutated module once and forks one pytest run per mutant.
+    Like mutmut, it imports the mutated module and the tests once and forks one pytest run
+    per mutant.
     ``keyword``: only the tests matching this ``pytest -k`` expression (it replaces the
     target's own ``-k``), e.g. to leave out tests that load a real checkpoint.
     """
@@ -219,6 +222,10 @@ def recheck(name: str, keys: list[str], keyword: str | None = None) -> None:
     importlib.import_module(target.source.removesuffix(".py").replace("/", "."))
     args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *target.pytest_args]
     args += list(target.tests) + ([] if keyword is None else ["-k", keyword])
+    import pytest
+
+    with contextlib.redirect_stdout(io.StringIO()):  # imports the test modules once, for all
+        pytest.main([*args, "--collect-only"])
     for key in keys:
         code, output = _forked_pytest(args, key)
         verdict = {0: "survived", 1: "killed"}.get(code, f"error {code}")
