@@ -247,6 +247,25 @@ def test_padding_is_invisible(device, side, positional):
     assert (changed[0, real_tgt] - alone).abs().max().item() < ATOL
 
 
+def test_rope_positions_skip_a_pad_inside_a_sequence():
+    """Positions count real tokens only. Left or right pads shift every real position by the
+    same amount, which RoPE cannot see (it is relative); a pad between two real tokens would
+    stretch their distance, so only such a pad shows that the pads are not counted."""
+    model = _tiny(positional="rope")
+    src, tgt = _random_ids(1, 4, 64, "cpu"), _random_ids(1, 3, 64, "cpu")
+    pad = torch.zeros(1, 1, dtype=torch.long)
+    src_holed, tgt_holed = (
+        torch.cat([src[:, :2], pad, src[:, 2:]], 1),
+        torch.cat([tgt[:, :1], pad, tgt[:, 1:]], 1),
+    )
+    with torch.no_grad():
+        alone = model(src, tgt).logits
+        holed = model(
+            src_holed, tgt_holed, torch.tensor([[1, 1, 0, 1, 1]]), torch.tensor([[1, 0, 1, 1]])
+        )
+    assert (holed.logits[:, [0, 2, 3]] - alone).abs().max().item() < ATOL
+
+
 def test_attentions_and_hidden_states_only_when_asked():
     model = _tiny()
     c = model.config
@@ -259,6 +278,7 @@ def test_attentions_and_hidden_states_only_when_asked():
         outs = [model(src, tgt, src_mask, need_weights=True)]
         outs.append(model(src, tgt, src_mask, output_attentions=True, output_hidden_states=True))
     assert plain[1:] == (None,) * 5 and decoded[1:] == (None,) * 5
+    assert model.encoder_output(src, src_mask)[1:] == (None, None)
     for out in outs:
         torch.testing.assert_close(out.logits, plain.logits)
         assert [len(out.encoder_attentions), len(out.self_attentions)] == [2, 2]
@@ -405,6 +425,8 @@ def test_bad_inputs_raise(device):
         model.decode(tgt[:, :2], memory, cache=cache)
     with pytest.raises(ValueError, match=r"tgt_ids must lie in \[0, tgt_vocab_size=64\)"):
         model(src, tgt + 64)
+    with pytest.raises(ValueError, match=r"src_ids must lie in \[0, src_vocab_size=64\)"):
+        model(src + 64, tgt)
     with pytest.raises(
         ValueError, match=r"src_mask must be \(batch, seq\) = \(2, 5\), got \(2, 4\)"
     ):
