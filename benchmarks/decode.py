@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.generation import generate
+from labkit.generation import SpeculativeStats, generate
 from labkit.inference import (
     FastLM,
     copy_bandwidth,
@@ -107,22 +107,41 @@ print(json.dumps({"tokens": tokens, "wall": time.perf_counter() - wall,
 
 @dataclass
 class Row:
-    """One implementation: how to generate, what it reads per token, what it measured."""
+    """One implementation: how to generate, what it reads per token, what it measured.
+
+    ``run(row)`` generates and returns the new tokens; it may record on its own row the
+    prompt-lookup statistics of that generation (``stats``) or a child process's own timing
+    (``inner``: wall and CPU seconds without the start-up).
+    """
 
     name: str
-    run: Callable[[], list[int]]
+    run: Callable[[Row], list[int]]
     bytes_per_token: int
     compile_s: float = 0.0
+    speculative: bool = False
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    stats: SpeculativeStats | None = None
+    inner: tuple[float, float] | None = None
     note: str = ""
 
 
-def timed(run: Callable[[], list[int]]) -> tuple[list[int], float, float]:
+def timed(row: Row) -> tuple[list[int], float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
-    tokens = run()
+    tokens = row.run(row)
     return tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def lookup_note(row: Row, n: int) -> str:
+    """The acceptance of a prompt-lookup row's drafts (fails if the row recorded none)."""
+    if row.stats is None or row.stats.forward_passes == 0:
+        raise RuntimeError(f"{row.name}: the generation recorded no prompt-lookup statistics")
+    s = row.stats
+    return (
+        f"{s.accepted} of {s.proposed} draft tokens accepted ({s.acceptance_rate:.0%}), "
+        f"{s.forward_passes} forward passes for {n} tokens"
+    )
 
 
 def machine() -> str:
@@ -177,7 +196,7 @@ def main() -> int:
         if name == "transformers":
             hf = pretrained.reference.to(device)
 
-            def run_hf(hf=hf) -> list[int]:
+            def run_hf(row: Row, hf=hf) -> list[int]:
                 with torch.inference_mode():
                     out = hf.generate(ids, do_sample=False, **options)
                 return out[0, ids.shape[1] :].tolist()
@@ -185,7 +204,7 @@ def main() -> int:
             rows.append(Row(name, run_hf, weight_bytes_per_token(hf)))
         elif name == "labkit-eager":
 
-            def run_eager() -> list[int]:
+            def run_eager(row: Row) -> list[int]:
                 with torch.inference_mode():
                     return generate(model, ids, **options).new_tokens[0].tolist()
 
@@ -197,7 +216,7 @@ def main() -> int:
             gguf = smollm2_gguf()
             payload = {"gguf": str(gguf), "ids": ids[0].tolist(), "n": n, "threads": args.threads}
 
-            def run_llama(payload=payload) -> list[int]:
+            def run_llama(row: Row, payload=payload) -> list[int]:
                 done = subprocess.run(
                     [args.llama_python, "-c", LLAMA_CPP, json.dumps(payload)],
                     capture_output=True,
@@ -205,7 +224,7 @@ def main() -> int:
                     check=True,
                 )
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                run_llama.inner = (result["wall"], result["cpu"])
+                row.inner = (result["wall"], result["cpu"])
                 return result["tokens"]
 
             row = Row("llama.cpp Q4_1 (GGUF)", run_llama, gguf.stat().st_size)
@@ -219,10 +238,10 @@ def main() -> int:
             fast = FastLM(model, precision=precision, compile=compiled)
             compile_s = fast.warm_up(1, ids.shape[1] + n, speculative=speculative != "none")
 
-            def run_fast(fast=fast, speculative=speculative) -> list[int]:
+            def run_fast(row: Row, fast=fast, speculative=speculative) -> list[int]:
                 with torch.inference_mode():
                     out = fast.generate(ids, speculative=speculative, **options)
-                run_fast.stats = out.speculative  # acceptance of the prompt-lookup drafts
+                row.stats = out.speculative  # acceptance of the prompt-lookup drafts
                 return out.new_tokens[0].tolist()
 
             label = f"labkit {precision} static cache" + (" + compile" if compiled else "")
@@ -230,21 +249,19 @@ def main() -> int:
                 act = str(fast.activations).removeprefix("torch.")
                 label = label.replace(precision, f"{precision} ({act} activations)")
             label += " + prompt lookup" if speculative != "none" else ""
-            rows.append(Row(label, run_fast, weight_bytes_per_token(fast.model), compile_s))
+            bytes_per_token = weight_bytes_per_token(fast.model)
+            lookup = speculative != "none"
+            rows.append(Row(label, run_fast, bytes_per_token, compile_s, speculative=lookup))
 
     for row in rows:  # warm-up (and the reference tokens)
-        row.tokens = row.run()
-        stats = getattr(row.run, "stats", None)
-        if stats is not None:
-            row.note = (
-                f"{stats.accepted} of {stats.proposed} draft tokens accepted "
-                f"({stats.acceptance_rate:.0%}), {stats.forward_passes} forward passes for {n}"
-            )
+        row.tokens = row.run(row)
+        if row.speculative:
+            row.note = lookup_note(row, n)
     for r in range(args.rounds):
         for row in rows if r % 2 == 0 else rows[::-1]:
-            tokens, wall, cpu = timed(row.run)
-            if hasattr(row.run, "inner"):  # llama.cpp: its own timing, without the start-up
-                wall, cpu = row.run.inner
+            tokens, wall, cpu = timed(row)
+            if row.inner is not None:  # llama.cpp: its own timing, without the start-up
+                wall, cpu = row.inner
             assert tokens == row.tokens, f"{row.name}: greedy tokens changed between runs"
             row.walls.append(wall)
             row.cpus.append(cpu)
