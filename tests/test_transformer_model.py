@@ -401,9 +401,16 @@ def test_presets_and_overrides():
     [
         (dict(src_vocab_size=10, tgt_vocab_size=12), "src_vocab_size=10, tgt_vocab_size=12"),
         (dict(n_heads=5), "d_model=64 must be divisible by n_heads=5"),
-        (dict(d_model=63, n_heads=1), "d_model=63 must be even"),
+        (
+            dict(d_model=63, n_heads=1),
+            "^d_model=63 must be even: the sinusoidal encoding fills columns in sine/cosine pairs$",
+        ),
         (dict(positional="alibi"), r"positional must be one of \('sinusoidal', 'rope'\)"),
-        (dict(d_model=12, n_heads=4, positional="rope"), "head width d_model / n_heads = 3"),
+        (
+            dict(d_model=12, n_heads=4, positional="rope"),
+            "^positional='rope' rotates pairs of dimensions, so the head width "
+            "d_model / n_heads = 3 must be even$",
+        ),
         (dict(n_encoder_layers=0), "n_encoder_layers=0"),
         (dict(bos_id=64), r"bos_id=64 must be a target id in \[0, tgt_vocab_size=64\)"),
     ],
@@ -411,6 +418,25 @@ def test_presets_and_overrides():
 def test_bad_configs_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         TransformerConfig.preset("tiny", **overrides)
+
+
+SIZES = (
+    "src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
+    "n_decoder_layers", "d_ff", "max_len",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("field", SIZES)
+def test_sizes_below_one_raise(field):
+    with pytest.raises(ValueError, match=f"^{field} must be at least 1, got {field}=0$"):
+        TransformerConfig.preset("tiny", **{field: 0})
+
+
+def test_layers_follow_the_config():
+    model = Transformer.from_preset("tiny", norm_first=True, activation="gelu", dropout=0.25)
+    for layer in [*model.encoder_layers, *model.decoder_layers]:
+        assert layer.norm_first and layer.ffn.activation == "gelu" and layer.dropout1.p == 0.25
+    assert model.positional.pe.shape == (model.config.max_len, 64)  # a row per position
 
 
 def test_bad_inputs_raise(device):
