@@ -401,3 +401,205 @@ def test_minilm_padding_invariance_and_zero_attention_on_pads(minilm):
     for weights in padded.attentions:  # (B, 12, T, T)
         assert (weights.permute(0, 3, 1, 2)[pads] == 0).all()
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Details the comparisons above leave open (each found by a surviving mutant, see tests/README.md)
+
+
+def test_from_hf_reads_a_config_with_only_the_sizes():
+    """Absent ``hidden_act``/``position_embedding_type`` mean GELU and absolute positions, and
+    a missing [PAD] id means 0; anything else is refused with an exact message."""
+    from types import SimpleNamespace
+
+    sizes = dict(
+        vocab_size=99, max_position_embeddings=64, type_vocab_size=2, num_hidden_layers=2,
+        num_attention_heads=4, hidden_size=32, intermediate_size=37, hidden_dropout_prob=0.0,
+        layer_norm_eps=1e-6, pad_token_id=None,
+    )  # fmt: skip
+    config = BertConfig.from_hf(SimpleNamespace(**(sizes | dict(type_vocab_size=3))))
+    assert config == BertConfig(
+        vocab_size=99, max_len=64, type_vocab_size=3, n_layers=2, n_heads=4, d_model=32, d_ff=37,
+        dropout=0.0, eps=1e-6, pad_id=0,
+    )  # fmt: skip
+    assert BertConfig.from_hf(SimpleNamespace(**(sizes | dict(pad_token_id=5)))).pad_id == 5
+    assert (
+        BertConfig.from_hf(SimpleNamespace(**(sizes | dict(hidden_dropout_prob=0.2)))).dropout
+        == 0.2
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^labkit's BERT has exact GELU and absolute positions, got hidden_act='gelu', "
+        r"position_embedding_type='relative_key'$",
+    ):
+        BertConfig.from_hf(SimpleNamespace(**sizes, position_embedding_type="relative_key"))
+
+
+def test_mean_pool_details():
+    hidden = torch.arange(12, dtype=torch.float64).reshape(2, 3, 2)  # (B=2, T=3, D=2)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    # one real token: exactly that token's vector; two: their mean (per row, not batch-wide)
+    assert torch.equal(mean_pool(hidden, mask), torch.tensor([[0.0, 1.0], [7.0, 8.0]]).double())
+    assert torch.equal(mean_pool(hidden), hidden.mean(dim=1))  # no mask: every token
+    assert torch.equal(mean_pool(hidden, torch.zeros(2, 3)), torch.zeros(2, 2).double())
+    assert mean_pool(hidden.bfloat16(), mask).dtype == torch.bfloat16  # the hidden's dtype
+    with pytest.raises(ValueError, match=r"^hidden must be \(batch, seq, d_model\), got \(2, 3\)$"):
+        mean_pool(torch.zeros(2, 3))
+
+
+def test_sentence_embedding_reads_token_types():
+    model = BertEncoder.from_preset("tiny").eval()
+    ids, mask, types = padded_batch("cpu", vocab=256)
+    with torch.no_grad():
+        hidden = model(ids, mask, types).hidden
+        expected = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
+        torch.testing.assert_close(model.sentence_embedding(ids, mask, types), expected)
+
+
+def _tiny_heads(encoder: BertEncoder) -> dict[str, torch.nn.Module]:
+    return {
+        "classifier": BertForSequenceClassification.from_encoder(encoder, num_labels=2),
+        "mlm": BertForMaskedLM.from_encoder(encoder),
+        "qa": BertForQuestionAnswering.from_encoder(encoder),
+    }
+
+
+def test_heads_return_attentions_and_hidden_states_only_when_asked():
+    encoder = BertEncoder.from_preset("tiny").eval()
+    ids, mask, types = padded_batch("cpu", vocab=256)
+    with torch.no_grad():
+        plain_ref = encoder(ids, mask, types)
+        weights_ref = encoder(ids, mask, types, need_weights=True).attentions
+        states_ref = encoder(ids, mask, types, output_hidden_states=True).hidden_states
+        assert plain_ref.attentions is None and plain_ref.hidden_states is None
+        assert len(weights_ref) == 2
+        alias = encoder(ids, mask, types, output_attentions=True).attentions
+        assert all(torch.equal(a, b) for a, b in zip(alias, weights_ref, strict=True))
+        assert len(states_ref) == 3 and torch.equal(states_ref[-1], plain_ref.hidden)
+        assert torch.equal(states_ref[0], encoder.embeddings(ids, types))
+        for name, head in _tiny_heads(encoder).items():
+            plain = head(ids, mask, types)
+            assert plain.loss is None, name
+            assert plain.attentions is None and plain.hidden_states is None, name
+            assert torch.equal(plain.hidden, plain_ref.hidden), name
+            for asked in (dict(need_weights=True), dict(output_attentions=True)):
+                out = head(ids, mask, types, **asked)
+                assert len(out.attentions) == 2 and out.hidden_states is None, (name, asked)
+                for ours, theirs in zip(out.attentions, weights_ref, strict=True):
+                    assert torch.equal(ours, theirs), name
+            out = head(ids, mask, types, output_hidden_states=True)
+            assert out.attentions is None and len(out.hidden_states) == 3, name
+            for ours, theirs in zip(out.hidden_states, states_ref, strict=True):
+                assert torch.equal(ours, theirs), name
+
+
+def test_heads_follow_the_encoders_dtype_and_start_from_berts_init():
+    encoder = BertEncoder.from_preset("tiny").double()
+    for name, head in _tiny_heads(encoder).items():
+        assert all(p.dtype == torch.float64 for p in head.parameters()), name
+    torch.manual_seed(0)
+    big = BertConfig.preset("tiny", d_model=256, d_ff=256, n_heads=4)
+    encoder = BertEncoder(big)
+    classifier = BertForSequenceClassification.from_encoder(encoder, num_labels=256).classifier
+    for layer in (classifier, BertForMaskedLM.from_encoder(encoder).dense,
+                  BertForQuestionAnswering.from_encoder(encoder).qa_outputs):  # fmt: skip
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert abs(layer.weight.std().item() - 0.02) < 0.002
+
+
+def test_classifier_dropout_is_passed_on():
+    encoder = BertEncoder.from_preset("tiny")
+    assert BertForSequenceClassification.from_encoder(encoder, 2, dropout=0.3).dropout.p == 0.3
+    hf = transformers.BertForSequenceClassification(tiny_hf_config(classifier_dropout=0.3))
+    assert BertForSequenceClassification.from_hf(hf).dropout.p == 0.3
+
+
+def test_head_and_from_hf_messages_are_exact():
+    model = BertEncoder.from_preset("tiny").eval()
+    ids = torch.randint(0, 256, (2, 5))
+    mlm, qa = BertForMaskedLM.from_encoder(model), BertForQuestionAnswering.from_encoder(model)
+    with pytest.raises(ValueError, match=r"^labels must have shape \(2, 5\), got \(2, 4\)$"):
+        mlm(ids, labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"^give both start_positions and end_positions, or neither$"
+    ):
+        qa(ids, start_positions=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^start_positions must have shape \(2,\), got \(1,\)$"):
+        qa(ids, start_positions=torch.tensor([0]), end_positions=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^start_positions must lie in \[0, 5\), got \[-1, 0\]$"):
+        qa(ids, start_positions=torch.tensor([-1, 0]), end_positions=torch.tensor([0, 1]))
+    untied = transformers.BertForMaskedLM(tiny_hf_config(tie_word_embeddings=False))
+    with pytest.raises(
+        ValueError,
+        match=r"^labkit's masked-LM decoder is tied to the word embeddings, but this "
+        r"transformers model has an untied decoder \(tie_word_embeddings=False\)$",
+    ):
+        BertForMaskedLM.from_hf(untied)
+    hf = transformers.BertModel(tiny_hf_config())
+    hf.encoder.layer[1].output.dense = torch.nn.Linear(40, 32, bias=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^cannot copy transformers into labkit's BertEncoder: .*"
+        r"layers\.1\.ffn\.down_proj\.weight: transformers encoder\.layer\.1\.output\.dense"
+        r"\.weight is \(32, 40\), labkit .* \(pass a BertModel to BertEncoder\.from_hf, "
+        r"e\.g\. hf\.bert of a task model\)$",
+    ):
+        BertEncoder.from_hf(hf)
+
+
+def test_best_span_default_length_and_both_masks():
+    start, end = torch.zeros(2, 40), torch.zeros(2, 40)
+    start[:, 0], end[:, 30] = 5.0, 5.0  # a 31-token span: one more than the default allows
+    end[:, 29] = 4.0
+    s, e = best_span(start, end)
+    assert s.tolist() == [0, 0] and e.tolist() == [29, 29]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[:, 29] = 0  # padding, though the context mask allows it
+    s, e = best_span(start, end, attention_mask=mask, context_mask=torch.ones(2, 40))
+    assert s.tolist() == [0, 0] and e.tolist() == [0, 0]  # the first of the spans scoring 5
+    for name in ("attention_mask", "context_mask"):
+        with pytest.raises(
+            ValueError, match=rf"^{name} must be \(batch, seq\) = \(2, 40\), got \(2, 3\)$"
+        ):
+            best_span(start, end, **{name: torch.ones(2, 3)})
+    dead = torch.ones(2, 40)
+    dead[1] = 0  # the second example has nowhere to put an answer
+    with pytest.raises(
+        ValueError, match=r"^every example needs at least one position where an answer may lie$"
+    ):
+        best_span(start, end, context_mask=dead)
+
+
+def test_config_refuses_each_size_below_one_and_eps_zero():
+    for name in ("vocab_size", "max_len", "type_vocab_size", "n_layers", "n_heads", "d_model",
+                 "d_ff"):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{name} must be at least 1, got {name}=0$"):
+            BertConfig.preset("tiny", **{name: 0})
+    with pytest.raises(ValueError, match=r"^eps must be > 0, got 0\.0$"):
+        BertConfig.preset("tiny", eps=0.0)
+
+
+def test_layers_and_pad_embedding_follow_the_config():
+    config = BertConfig.preset("tiny", dropout=0.3, eps=1e-3, pad_id=3)
+    model = BertEncoder(config)
+    for layer in model.layers:
+        assert layer.dropout1.p == 0.3 and layer.norm1.eps == layer.norm2.eps == 1e-3
+    word = model.embeddings.word
+    tables = (word, model.embeddings.position.embedding, model.embeddings.token_type)
+    assert all(abs(table.weight.std().item() - 0.02) < 0.004 for table in tables)  # N(0, 0.02)
+    assert word.padding_idx == 3 and torch.equal(word.weight[3], torch.zeros(64))
+    (model(torch.tensor([[1, 3, 4]])).hidden * torch.randn(1, 3, 64)).sum().backward()
+    assert torch.equal(word.weight.grad[3], torch.zeros(64)) and word.weight.grad[4].any()
+
+
+def test_one_label_is_regression_with_mean_squared_error():
+    model = BertEncoder.from_preset("tiny").eval()
+    ids = torch.randint(0, 256, (3, 5))
+    head = BertForSequenceClassification.from_encoder(model, num_labels=1)
+    scores = torch.tensor([0, 3, 5])  # integer scores are read as numbers
+    out = head(ids, labels=scores)
+    assert out.logits.shape == (3, 1)
+    assert head(ids, labels=scores.double()).loss.dtype == torch.float32  # the logits' dtype
+    torch.testing.assert_close(out.loss, ((out.logits[:, 0] - scores) ** 2).mean())
+    with pytest.raises(ValueError, match=r"^num_labels must be >= 1, got 0$"):
+        BertForSequenceClassification(BertConfig.preset("tiny"), num_labels=0)
