@@ -23,7 +23,8 @@ load that comes and goes hits every row alike. Columns:
   other precisions change the arithmetic and say how many leading tokens agree).
 
 labkit's rows use ``labkit.inference.FastLM`` (static KV cache, optional ``torch.compile`` of
-the decoding step, fp32 / bf16 / int8 / int4 weights, prompt-lookup speculative decoding)
+the decoding step, fp32 / bf16 / int8 / int4 weights, speculative decoding by prompt lookup
+or with an int4 copy of the model as the draft, int8 on a GPU: both keep fp32's tokens)
 next to the plain ``labkit.generation.generate`` with its growing cache. llama.cpp runs the
 packaged GGUF file itself (Q4_1) through ``llama-cpp-python``, which is not a dependency of
 this project: install it into a separate environment (it compiles llama.cpp, several minutes)
@@ -80,6 +81,7 @@ FAST_ROWS = {
     "fp32": ("fp32", False, "none"),
     "fp32-compile": ("fp32", True, "none"),
     "fp32-compile-lookup": ("fp32", True, "prompt-lookup"),
+    "fp32-compile-draft": ("fp32", True, "draft-model"),
     "bf16-compile": ("bf16", True, "none"),
     "int8-compile": ("int8", True, "none"),
     "int4-compile": ("int4", True, "none"),
@@ -110,7 +112,7 @@ class Row:
     """One implementation: how to generate, what it reads per token, what it measured.
 
     ``run(row)`` generates and returns the new tokens; it may record on its own row the
-    prompt-lookup statistics of that generation (``stats``) or a child process's own timing
+    speculative decoding statistics of that generation (``stats``) or a child process's own timing
     (``inner``: wall and CPU seconds without the start-up).
     """
 
@@ -133,14 +135,15 @@ def timed(row: Row) -> tuple[list[int], float, float]:
     return tokens, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def lookup_note(row: Row, n: int) -> str:
-    """The acceptance of a prompt-lookup row's drafts (fails if the row recorded none)."""
+def speculative_note(row: Row, n: int) -> str:
+    """The acceptance of a speculative row's drafts (fails if the row recorded none)."""
     if row.stats is None or row.stats.forward_passes == 0:
-        raise RuntimeError(f"{row.name}: the generation recorded no prompt-lookup statistics")
+        raise RuntimeError(f"{row.name}: the generation recorded no speculative statistics")
     s = row.stats
+    drafts = f", {s.draft_passes} draft-model passes" if s.draft_passes else ""
     return (
         f"{s.accepted} of {s.proposed} draft tokens accepted ({s.acceptance_rate:.0%}), "
-        f"{s.forward_passes} forward passes for {n} tokens"
+        f"{s.forward_passes} forward passes{drafts} for {n} tokens"
     )
 
 
@@ -237,26 +240,33 @@ def main() -> int:
                 continue
             fast = FastLM(model, precision=precision, compile=compiled)
             compile_s = fast.warm_up(1, ids.shape[1] + n, speculative=speculative != "none")
+            extra = {}
+            if speculative == "draft-model":  # int4 drafts (a CPU kernel: int8 on a GPU)
+                draft = fast.draft("int4" if device.type == "cpu" else "int8")
+                extra["draft_model"] = draft
+                compile_s += draft.warm_up(1, ids.shape[1] + n)
 
-            def run_fast(row: Row, fast=fast, speculative=speculative) -> list[int]:
+            def run_fast(row: Row, fast=fast, speculative=speculative, extra=extra) -> list[int]:
                 with torch.inference_mode():
-                    out = fast.generate(ids, speculative=speculative, **options)
-                row.stats = out.speculative  # acceptance of the prompt-lookup drafts
+                    out = fast.generate(ids, speculative=speculative, **options, **extra)
+                row.stats = out.speculative  # acceptance of the drafts
                 return out.new_tokens[0].tolist()
 
             label = f"labkit {precision} static cache" + (" + compile" if compiled else "")
             if precision in ("int8", "int4"):
                 act = str(fast.activations).removeprefix("torch.")
                 label = label.replace(precision, f"{precision} ({act} activations)")
-            label += " + prompt lookup" if speculative != "none" else ""
+            if "draft_model" in extra:
+                label += f" + {extra['draft_model'].precision} draft"
+            label += " + prompt lookup" if speculative == "prompt-lookup" else ""
             bytes_per_token = weight_bytes_per_token(fast.model)
-            lookup = speculative != "none"
-            rows.append(Row(label, run_fast, bytes_per_token, compile_s, speculative=lookup))
+            spec = speculative != "none"
+            rows.append(Row(label, run_fast, bytes_per_token, compile_s, speculative=spec))
 
     for row in rows:  # warm-up (and the reference tokens)
         row.tokens = row.run(row)
         if row.speculative:
-            row.note = lookup_note(row, n)
+            row.note = speculative_note(row, n)
     for r in range(args.rounds):
         for row in rows if r % 2 == 0 else rows[::-1]:
             tokens, wall, cpu = timed(row)

@@ -35,7 +35,11 @@ drafts up to ``draft_tokens`` tokens by copying what followed the last n-gram's 
 occurrence (``prompt_lookup_draft``), and one forward pass over the draft gives the greedy
 token at every draft position; the tokens that agree are kept, plus the model's own next one.
 The output is exactly greedy decoding's, in fewer forward passes when the text repeats its
-context (``GenerationOutput.speculative`` counts proposed and accepted drafts).
+context (``GenerationOutput.speculative`` counts proposed and accepted drafts). With
+``speculative="draft-model"`` and ``draft_model=`` a cheaper decoder over the same vocabulary
+(e.g. an int4 copy of the model, ``labkit.inference.FastLM``) drafts instead, greedily, one
+token at a time: any text, not only text that repeats itself, and still exactly the tokens of
+the model's own greedy decoding (Leviathan et al. 2023, Chen et al. 2023, greedy case).
 
 Shapes: B batch, T prompt length, V vocabulary, K beams, n generated tokens.
 """
@@ -43,8 +47,8 @@ Shapes: B batch, T prompt length, V vocabulary, K beams, n generated tokens.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -83,6 +87,7 @@ class GenerationConfig:
         ``draft_tokens`` tokens by finding the last ``ngram_size`` (or fewer) tokens earlier
         in the sequence and copying what followed, then checks the draft in one forward pass
         (``prompt_lookup_draft``). The tokens are those of plain greedy decoding; batch 1.
+        ``"draft-model"``: the same, drafts from ``generate(..., draft_model=...)``.
     """
 
     max_new_tokens: int = 32
@@ -180,7 +185,7 @@ class GenerationConfig:
         return dataclasses.replace(self, **overrides)
 
 
-SPECULATIVE = ("none", "prompt-lookup")
+SPECULATIVE = ("none", "prompt-lookup", "draft-model")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "greedy": {},
@@ -425,6 +430,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def _eval_modes(*models: nn.Module | None) -> Iterator[None]:
+    """``_eval_mode`` for each model given (None: skipped)."""
+    with ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(_eval_mode(model))
+        yield
+
+
 def _tokenize(
     texts: Sequence[str], tokenizer: Any, pad_id: int, left: bool
 ) -> tuple[Tensor, Tensor]:
@@ -641,17 +656,95 @@ class SpeculativeStats:
 
     proposed / accepted: draft tokens checked / equal to the greedy token (each accepted one
     is a token generated without its own forward pass); forward_passes: model calls after the
-    prompt's (plain greedy decoding makes one per generated token).
+    prompt's (plain greedy decoding makes one per generated token); draft_passes: the draft
+    model's calls, its prompt included (``speculative="draft-model"``; 0 with prompt lookup).
     """
 
     proposed: int = 0
     accepted: int = 0
     forward_passes: int = 0
+    draft_passes: int = 0
 
     @property
     def acceptance_rate(self) -> float:
         """accepted / proposed (0.0 when nothing was proposed)."""
         return self.accepted / self.proposed if self.proposed else 0.0
+
+
+class _DraftModel:
+    """Greedy drafts from a second decoder (``speculative="draft-model"``), batch 1.
+
+    It keeps its own cache of the tokens it has read (``fed``). Each call first rolls that
+    cache back to the part the sequence still shares (the rejected drafts go), reads the rest
+    (the prompt in one pass, later the 1 or 2 new tokens one by one), then proposes ``n``
+    tokens one at a time: its argmax, fed back in. So a round costs ``n`` draft passes (one
+    more after a fully accepted draft: its last token was never fed).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, stats: SpeculativeStats) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch=1, max_len=max_len)
+        self.device = model_device(model)
+        self.fed: list[int] = []
+        self.stats = stats
+
+    def _feed(self, tokens: list[int]) -> Tensor:
+        """Read ``tokens`` after ``fed``; the (V,) logits after the last one."""
+        ids = torch.tensor([tokens], device=self.device)
+        self.fed += tokens
+        self.stats.draft_passes += 1
+        return self.model(ids, cache=self.cache).logits[0, -1]
+
+    def __call__(self, tokens: Tensor, n: int) -> Tensor:
+        """tokens (L,): the sequence so far -> (n,) draft tokens (empty for n = 0)."""
+        if n == 0:
+            return tokens[:0]
+        seq = tokens.tolist()
+        same = 0
+        for a, b in zip(self.fed, seq[:-1], strict=False):  # the last token is always read
+            if a != b:
+                break
+            same += 1
+        if same < len(self.fed):
+            self.cache.truncate(same)
+            del self.fed[same:]
+        if not self.fed:  # the prompt, in one pass
+            logits = self._feed(seq)
+        else:  # 1 or 2 tokens: single-token steps (a compiled draft's fast path)
+            for token in seq[same:]:
+                logits = self._feed([token])
+        draft = [int(logits.argmax())]
+        while len(draft) < n:
+            draft.append(int(self._feed(draft[-1:]).argmax()))
+        return torch.tensor(draft, device=tokens.device)
+
+
+def _check_draft_model(model: nn.Module, draft: nn.Module | None, config: GenerationConfig) -> None:
+    """Clear errors for a draft model that cannot draft for ``model``."""
+    wanted = config.speculative == "draft-model"
+    if wanted and draft is None:
+        raise ValueError(
+            "speculative='draft-model' needs draft_model=...: a decoder over the same "
+            "vocabulary, e.g. labkit.inference.FastLM(model, precision='int4')"
+        )
+    if draft is None:
+        return
+    if not wanted:
+        raise ValueError(
+            f"draft_model is used with speculative='draft-model', got "
+            f"speculative={config.speculative!r}"
+        )
+    dc = getattr(draft, "config", None)
+    if getattr(dc, "is_encoder_decoder", True) or not hasattr(draft, "new_cache"):
+        raise ValueError(
+            f"draft_model must be a decoder-only labkit model (GPT, Llama, FastLM), got "
+            f"{type(draft).__name__}"
+        )
+    if dc.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"draft_model's vocabulary ({dc.vocab_size} tokens) differs from the model's "
+            f"({model.config.vocab_size}): a draft must speak the same tokens"
+        )
 
 
 def _speculative_steps(
@@ -660,8 +753,10 @@ def _speculative_steps(
     special: _Special,
     tokenizer: Any,
     stats: SpeculativeStats,
+    propose: Callable[[Tensor, int], Tensor],
 ) -> Iterator[_Step]:
-    """Greedy decoding of one row that checks a prompt-lookup draft d_1..d_k per forward pass.
+    """Greedy decoding of one row that checks a draft d_1..d_k per forward pass; ``propose``
+    (the sequence so far, at most k) gives the draft (prompt lookup or a draft model).
 
     The model reads [tokens, d_1..d_k] once; its logits after the last token and after each
     d_i give the greedy tokens g_0..g_k, processed exactly as ``_decode_steps`` would. g_0 is
@@ -677,7 +772,7 @@ def _speculative_steps(
         with torch.inference_mode():
             room = config.max_new_tokens - step - 1  # draft tokens whose check still counts
             n_draft = min(room, config.draft_tokens)
-            draft = prompt_lookup_draft(seqs.tokens[0], config.ngram_size, n_draft)
+            draft = propose(seqs.tokens[0], n_draft)
             length = seqs.tokens.shape[1]
             if len(draft):
                 logits = seqs.next_logits(draft[None])[0]  # (k + 1, V)
@@ -820,7 +915,7 @@ class GenerationOutput:
         string), when a tokenizer was given.
     beam_tokens / beam_scores: beam search only: all K hypotheses per prompt, best first,
         (B, K, n_beams) padded with ``pad_id``, and their (B, K) scores.
-    speculative: with ``speculative="prompt-lookup"``, the drafts proposed and accepted.
+    speculative: with speculative decoding, the drafts proposed and accepted.
     """
 
     sequences: Tensor
@@ -838,8 +933,10 @@ def _steps(
     special: _Special,
     tokenizer: Any,
     stats: SpeculativeStats | None,
+    draft_model: nn.Module | None = None,
 ) -> Iterator[_Step]:
-    """Greedy/sampled steps, through prompt lookup when ``stats`` is given (one row only)."""
+    """Greedy/sampled steps, speculative when ``stats`` is given (one row only): drafts by
+    prompt lookup, or by ``draft_model``."""
     if stats is None:
         return _decode_steps(seqs, config, special, tokenizer)
     if seqs.tokens.shape[0] != 1:
@@ -847,7 +944,14 @@ def _steps(
             f"speculative={config.speculative!r} decodes one prompt at a time, got a batch of "
             f"{seqs.tokens.shape[0]}: generate the prompts one by one, or use speculative='none'"
         )
-    return _speculative_steps(seqs, config, special, tokenizer, stats)
+    if draft_model is None:
+
+        def propose(tokens: Tensor, n: int) -> Tensor:
+            return prompt_lookup_draft(tokens, config.ngram_size, n)
+
+    else:  # the draft reads at most the prompt and max_new_tokens - 1 tokens, then drafts
+        propose = _DraftModel(draft_model, seqs.n_prompt + config.max_new_tokens, stats)
+    return _speculative_steps(seqs, config, special, tokenizer, stats, propose)
 
 
 def generate(
@@ -856,6 +960,7 @@ def generate(
     attention_mask: Tensor | None = None,
     config: GenerationConfig | None = None,
     tokenizer: Any = None,
+    draft_model: nn.Module | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
     """Generate continuations of a batch of prompts.
@@ -867,20 +972,23 @@ def generate(
     config: a ``GenerationConfig`` (default greedy, 32 new tokens); ``overrides`` replace fields,
         e.g. ``generate(model, ids, do_sample=True, seed=0)``.
     tokenizer: needed for text prompts and ``stop_strings``; when given, ``text`` is filled.
+    draft_model: with ``speculative="draft-model"``, the decoder that drafts (same vocabulary;
+        typically a quantized copy of ``model``); the tokens stay ``model``'s greedy ones.
 
-    The model runs in eval mode under ``torch.inference_mode`` (its train/eval state is
-    restored afterwards); inputs are moved to the model's device.
+    The model (and the draft model) runs in eval mode under ``torch.inference_mode`` (its
+    train/eval state is restored afterwards); inputs are moved to the model's device.
     """
     config = (config or GenerationConfig()).replace(**overrides)
     if config.stop_strings and tokenizer is None:
         raise ValueError(f"stop_strings {config.stop_strings} need a tokenizer (tokenizer=...)")
+    _check_draft_model(model, draft_model, config)
     special = _special_ids(model, config)
     ids, mask = _prepare_inputs(model, input_ids, attention_mask, tokenizer, special.pad_id)
     stats = SpeculativeStats() if config.speculative != "none" else None
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_modes(model, draft_model), torch.inference_mode():
         seqs = _start(model, ids, mask, config, special, copies=config.num_beams)
         if config.num_beams == 1:
-            steps = list(_steps(seqs, config, special, tokenizer, stats))
+            steps = list(_steps(seqs, config, special, tokenizer, stats, draft_model))
             new = torch.stack([s.tokens for s in steps], dim=1)  # (B, n)
             lengths = torch.stack([s.active for s in steps], dim=1).sum(dim=1).tolist()
             scores = torch.stack([s.logprobs for s in steps], dim=1).sum(dim=1)  # (B,)
@@ -917,7 +1025,7 @@ class TextStream:
     """What ``stream`` returns: an iterator over text pieces that also keeps count.
 
     new_tokens: the tokens generated so far (eos included); speculative: the
-    ``SpeculativeStats`` with ``speculative="prompt-lookup"``, else None.
+    ``SpeculativeStats`` of speculative decoding, else None.
     """
 
     def __init__(self, pieces: Iterator[str], new_tokens: list[int], stats: Any) -> None:
@@ -937,6 +1045,7 @@ def stream(
     prompt: Tensor | str | Sequence[int],
     tokenizer: Any,
     config: GenerationConfig | None = None,
+    draft_model: nn.Module | None = None,
     **overrides: Any,
 ) -> TextStream:
     """Yield the generated text of one prompt piece by piece, as it is produced.
@@ -945,20 +1054,24 @@ def stream(
     ``TextStreamer`` idea), holding back a trailing "\\ufffd" (a character whose bytes are split
     across tokens) until it is complete. ``"".join(stream(...))`` equals
     ``generate(...).text[0]`` for the same config (greedy/sampling with a seed; no beams).
-    The returned ``TextStream`` also counts the tokens (``new_tokens``).
+    The returned ``TextStream`` also counts the tokens (``new_tokens``). ``draft_model``: as
+    in ``generate``.
     """
     config = (config or GenerationConfig()).replace(**overrides)
     if config.num_beams != 1:
         raise ValueError(
             f"stream supports greedy decoding and sampling, got num_beams={config.num_beams}"
         )
+    _check_draft_model(model, draft_model, config)
     special = _special_ids(model, config)
     ids, mask = _prepare_inputs(model, prompt, None, tokenizer, special.pad_id)
     if ids.shape[0] != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {ids.shape[0]}")
     tokens: list[int] = []
     stats = SpeculativeStats() if config.speculative != "none" else None
-    pieces = _stream_pieces(model, ids, mask, config, special, tokenizer, tokens, stats)
+    pieces = _stream_pieces(
+        model, ids, mask, config, special, tokenizer, tokens, stats, draft_model
+    )
     return TextStream(pieces, tokens, stats)
 
 
@@ -971,12 +1084,13 @@ def _stream_pieces(
     tokenizer: Any,
     tokens: list[int],
     stats: SpeculativeStats | None,
+    draft_model: nn.Module | None,
 ) -> Iterator[str]:
-    with _eval_mode(model):
+    with _eval_modes(model, draft_model):
         with torch.inference_mode():
             seqs = _start(model, ids, mask, config, special, copies=1)
         text = shown = ""
-        for step in _steps(seqs, config, special, tokenizer, stats):
+        for step in _steps(seqs, config, special, tokenizer, stats, draft_model):
             tokens.append(int(step.tokens[0]))
             text = _text(tokens, tokenizer, special, config)
             ready = text.rstrip("\ufffd")

@@ -400,6 +400,73 @@ def test_speculative_errors():
         generate(model, torch.zeros(1, 3, dtype=torch.long), speculative="medusa")
 
 
+def _lively(seed: int) -> nn.Module:
+    """A tiny Llama whose greedy text varies (random weights with a larger spread: the
+    default initialisation repeats one token, which any draft would guess)."""
+    model = _tiny("llama")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.15)
+    return model
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_draft_model_speculation_gives_the_greedy_tokens(static):
+    model, prompt, n = _lively(0), torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 5, 6]]), 24
+    drafts = {"itself": model, "int4 copy": FastLM(model, precision="int4"), "other": _lively(1)}
+    for options in (dict(), dict(repetition_penalty=1.2, min_new_tokens=5, eos_id=7)):
+        greedy = generate(model, prompt, max_new_tokens=n, **options)
+        assert len(set(greedy.new_tokens[0].tolist())) > 4  # not one repeated token
+        stats = {}
+        for name, draft in drafts.items():
+            fast = generate(
+                model, prompt, max_new_tokens=n, speculative="draft-model", draft_model=draft,
+                static_cache=static, draft_tokens=4, **options,
+            )  # fmt: skip
+            assert torch.equal(fast.new_tokens, greedy.new_tokens), (name, options)
+            torch.testing.assert_close(fast.scores, greedy.scores, atol=1e-4, rtol=0)
+            s = stats[name] = fast.speculative
+            assert s.forward_passes + s.accepted == n, (name, s)
+            assert s.proposed <= s.draft_passes <= s.proposed + s.forward_passes, (name, s)
+        if not options:  # drafts are raw argmaxes: the penalties make even "itself" miss
+            # the model drafting for itself is always right; an unrelated model rarely
+            assert stats["itself"].accepted == stats["itself"].proposed > n / 2, stats
+            assert stats["other"].acceptance_rate < stats["int4 copy"].acceptance_rate < 1
+
+
+def test_draft_model_speculation_through_compiled_fast_lms():
+    model, prompt = _lively(0), torch.tensor([[5, 6, 7, 8, 9, 10]])
+    fast = FastLM(model, compile=True, backend="eager", draft_tokens=4)
+    draft = fast.draft("int8", backend="eager")
+    assert draft.compiled and draft.precision == "int8"
+    greedy = generate(model, prompt, max_new_tokens=12)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = fast.generate(prompt, max_new_tokens=12, speculative="draft-model",
+                        draft_model=draft, draft_tokens=4)  # fmt: skip
+    assert torch.equal(out.new_tokens, greedy.new_tokens)
+    assert out.speculative.proposed > 0
+    # one graph for each model's single-token step, one for the target's padded check
+    assert _graphs_compiled() == 3
+    with pytest.raises(ValueError, match="cheaper than the model"):
+        fast.draft("fp32")
+
+
+def test_draft_model_errors():
+    model, ids = _tiny("gpt"), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs draft_model="):
+        generate(model, ids, speculative="draft-model")
+    with pytest.raises(ValueError, match="used with speculative='draft-model'"):
+        generate(model, ids, speculative="prompt-lookup", draft_model=model)
+    with pytest.raises(ValueError, match=r"vocabulary \(300 tokens\) differs"):
+        generate(model, ids, speculative="draft-model", draft_model=_tiny("gpt", vocab_size=300))
+    with pytest.raises(ValueError, match="decoder-only labkit model"):
+        generate(model, ids, speculative="draft-model", draft_model=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        generate(model, ids.repeat(2, 1), speculative="draft-model", draft_model=model)
+
+
 # ----------------------------------------------------------------------------------------------
 # SmolLM2-135M (session fixture): exact tokens, perplexity of int8 / int4, the CLI
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +554,14 @@ def test_labkit_generate_cli_streams_text_and_reports_speed(smollm2, monkeypatch
     last = err.strip().splitlines()[-1]
     n, rest = last.split(" tokens in ")
     assert int(n) == 8 and rest.endswith("tokens/s)"), last
-    assert "acceptance" in err
+    assert "prompt-lookup: " in err and "acceptance" in err
+    code = main([
+        "generate", "--prompt", QUESTION, "--chat", "--max-new-tokens", "8",
+        "--speculative", "draft-model", "--draft-precision", "int8", "--device", "cpu",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("The capital of France is"), err
+    assert "draft-model: " in err and " draft passes" in err, err
     code = main(["generate", "--prompt", "x", "--precision", "int4", "--device", "meta"])
     assert code == 2 and "device must be one of" in capsys.readouterr().err
     code = main(["generate", "--prompt", "x", "--precision", "fp32", "--activations", "bf16"])
@@ -505,3 +579,18 @@ def test_run_generate_is_the_cli_as_a_function(smollm2, smol_fast):
     assert result.summary().startswith("8 tokens in ")
     with pytest.raises(ValueError, match="top_p samples"):
         run_generate("x", model=smol_fast, tokenizer=smollm2.tokenizer, top_p=0.9)
+
+
+def test_smollm2_int4_draft_keeps_the_fp32_answer(smollm2, smol_fast):
+    """An int4 copy of SmolLM2 drafts, the fp32 model checks: the fp32 text, fewer passes."""
+    tokenizer = smollm2.tokenizer
+    plain = run_generate(QUESTION, model=smol_fast, tokenizer=tokenizer, chat=True,
+                         max_new_tokens=N_NEW)  # fmt: skip
+    drafted = run_generate(QUESTION, model=smol_fast, tokenizer=tokenizer, chat=True,
+                           max_new_tokens=N_NEW, speculative="draft-model")  # fmt: skip
+    assert drafted.text == plain.text and drafted.new_tokens == plain.new_tokens
+    stats = drafted.speculative
+    assert stats.acceptance_rate > 0.5 and stats.forward_passes < plain.new_tokens / 2, stats
+    int8 = FastLM(smollm2.model, precision="int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        run_generate("x", model=int8, tokenizer=tokenizer, speculative="draft-model")

@@ -245,6 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         speculative=args.speculative,
+        draft_precision=args.draft_precision,
         device=args.device,
         threads=args.threads,
         activations=args.activations,
@@ -255,9 +256,11 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"compile warm-up: {result.compile_seconds:.1f} s (not timed)", file=sys.stderr)
     if result.speculative is not None:
         spec = result.speculative
+        drafts = f", {spec.draft_passes} draft passes" if spec.draft_passes else ""
         print(
-            f"prompt lookup: {spec.accepted} of {spec.proposed} draft tokens accepted "
-            f"(acceptance {spec.acceptance_rate:.0%}), {spec.forward_passes} forward passes",
+            f"{args.speculative}: {spec.accepted} of {spec.proposed} draft tokens accepted "
+            f"(acceptance {spec.acceptance_rate:.0%}), {spec.forward_passes} forward "
+            f"passes{drafts}",
             file=sys.stderr,
         )
     print(result.summary(), file=sys.stderr)
@@ -289,8 +292,11 @@ def _add_generate_parser(commands: Any) -> None:
         "units (detected at run time; PyTorch's int8/int4 CPU kernels are fast in bf16), "
         "else fp32")  # fmt: skip
     add("--compile", action="store_true", help="torch.compile the decoding step (warm-up first)")
-    add("--speculative", choices=("none", "prompt-lookup"), default="none",
-        help="prompt-lookup drafts, greedy decoding's exact tokens (default: none)")  # fmt: skip
+    add("--speculative", choices=("none", "prompt-lookup", "draft-model"), default="none",
+        help="draft tokens by prompt lookup or with a cheaper copy of the model, then check "
+        "them: greedy decoding's exact tokens (default: none)")  # fmt: skip
+    add("--draft-precision", choices=("int4", "int8", "bf16"), default="int4",
+        help="the draft's weights with --speculative draft-model (default: int4)")  # fmt: skip
     add("--device", default="auto", help="auto (default), cpu or cuda")
     add("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     add("--stream", action="store_true", help="print the text while it is generated")
@@ -320,6 +326,7 @@ def recipe_parser(name: str = "char-gpt") -> argparse.ArgumentParser:
         "(flags given here must not change the result)",
     )
     add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+
     def setting(group: Callable[..., Any], name: str, text: str, **more: Any) -> None:
         """``--name`` for the settings field ``name``, with the field's type and default."""
         default = getattr(d, name)

@@ -21,8 +21,10 @@ The ideas are those of PyTorch's gpt-fast, on labkit's own models:
 
 ``FastLM(model, ...)`` is itself a model (``config``, ``new_cache``, ``forward``), so
 ``labkit.generation.generate(fast, ids, static_cache=True, ...)`` works with greedy decoding,
-sampling, batches, stop strings, streaming and prompt-lookup speculative decoding
-(``speculative="prompt-lookup"``); ``fast.generate(...)`` / ``fast.stream(...)`` pass
+sampling, batches, stop strings, streaming and speculative decoding, by prompt lookup
+(``speculative="prompt-lookup"``) or by a draft model (``speculative="draft-model"``,
+``draft_model=fast.draft("int4")``: an int4 copy drafts, the model checks, and the tokens
+stay the model's greedy ones); ``fast.generate(...)`` / ``fast.stream(...)`` pass
 ``static_cache=True`` for you. Beam search works too (the cache reorders in place), eagerly.
 
 ``load_fast`` and ``run_generate`` are the Python side of ``labkit generate`` (same options).
@@ -262,6 +264,18 @@ class FastLM(nn.Module):
             cache.reset()
         return time.perf_counter() - start
 
+    def draft(self, precision: str = "int4", **options: Any) -> FastLM:
+        """A cheaper copy of this model to draft for it (``speculative="draft-model"``):
+        ``precision`` (int8 / int4 / bf16) weights, compiled if this model is; ``options``
+        as in ``FastLM`` (e.g. ``backend``)."""
+        if precision == "fp32":
+            raise ValueError(
+                "a draft must be cheaper than the model it drafts for: precision int4, int8 "
+                "or bf16, not fp32"
+            )
+        options = {"compile": self.compiled} | options
+        return FastLM(self.model, precision=precision, **options)
+
     def generate(
         self,
         prompts: Tensor | str | Sequence[str] | Sequence[int],
@@ -347,7 +361,7 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
 class RunResult:
     """One ``run_generate``: the text, how many tokens were generated in how many seconds
     (prefill + decoding, after any compile warm-up), the warm-up's seconds and, with
-    prompt lookup, its ``SpeculativeStats``."""
+    speculative decoding, its ``SpeculativeStats``."""
 
     text: str
     new_tokens: int
@@ -377,6 +391,7 @@ def run_generate(
     precision: str = "fp32",
     compile: bool = False,
     speculative: str = "none",
+    draft_precision: str = "int4",
     device: str = "auto",
     threads: int | None = None,
     activations: str = "auto",
@@ -388,7 +403,9 @@ def run_generate(
     ``tokenizer`` (then precision, compile, device, threads and activations are its own;
     ``activations`` is as in ``load_fast``). Greedy unless
     ``temperature`` (and optionally ``top_p``) is given. ``on_text`` receives each piece of
-    text as it is generated (``--stream``).
+    text as it is generated (``--stream``). ``speculative``: one of
+    ``labkit.generation.SPECULATIVE``; with ``"draft-model"`` a ``draft_precision`` copy of
+    the model drafts (``FastLM.draft``).
     """
     if isinstance(model, FastLM):
         if tokenizer is None:
@@ -407,6 +424,20 @@ def run_generate(
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, speculative=speculative, draft_tokens=fast.draft_tokens
     )
+    draft = None
+    if speculative == "draft-model":
+        if fast.precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"speculative='draft-model' drafts with a cheaper copy of an fp32 or bf16 "
+                f"model; precision {fast.precision!r} is already quantized: use "
+                "speculative='none' or 'prompt-lookup'"
+            )
+        if draft_precision == "int4" and model_device(fast.model).type != "cpu":
+            raise ValueError(
+                "--draft-precision int4 runs on the CPU only (PyTorch's int4 CPU kernel): "
+                "use --draft-precision int8 on the GPU"
+            )
+        draft = options["draft_model"] = fast.draft(draft_precision)
     if temperature is not None:
         options |= dict(do_sample=True, temperature=temperature, top_p=top_p)
     elif top_p is not None:
@@ -416,6 +447,8 @@ def run_generate(
     if fast.compiled:
         length = n_prompt + max_new_tokens - 1
         compile_seconds = fast.warm_up(1, length, speculative=speculative != "none")
+        if draft is not None:  # the draft reads one token more (``generation._DraftModel``)
+            compile_seconds += draft.warm_up(1, length + 1)
     start = time.perf_counter()
     pieces, shown = fast.stream(text, tokenizer, **options), []
     for piece in pieces:
