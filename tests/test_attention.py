@@ -26,6 +26,7 @@ from labkit.nn import (
     performer_attention,
     scaled_dot_product_attention,
 )
+from labkit.nn.attention import _sdpa_backend
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -1178,3 +1179,30 @@ def test_sdpa_float_mask_in_float32_keeps_bfloat16_inputs_bfloat16():
     out, weights = scaled_dot_product_attention(q, k, v, mask=additive)
     assert out.dtype == weights.dtype == torch.bfloat16
     assert torch.equal(out, scaled_dot_product_attention(q, k, v, mask=additive == 0)[0])
+
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_bf16_autocast_runs_attention_in_float32(masked):
+    """Under CPU bf16 autocast the fused attention computes in float32 (PyTorch's bf16 CPU
+    kernel is slow at small heads): float32 attention rounded to bf16, not the bf16 kernel's
+    result; gradients reach the float32 weights."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16).bfloat16() for _ in range(3))
+    mask = padding_mask([24, 20]) if masked else None  # (B, 1, 1, 24)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = _sdpa_backend(q, k, v, mask, True, 0.0)
+    full = causal_mask(24, 24) if mask is None else causal_mask(24, 24) & mask
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=full)
+    in_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=full)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.bfloat16())
+    assert not torch.equal(out, in_bf16)  # the check tells the two computations apart
+    mha = MultiHeadAttention(64, 4, backend="sdpa")
+    x = torch.randn(2, 24, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = mha(x, is_causal=True).output
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert mha.q_proj.weight.grad.dtype == torch.float32
+    assert mha.q_proj.weight.grad.abs().sum() > 0

@@ -185,7 +185,16 @@ def _sdpa_backend(
     """torch's fused attention with labkit's semantics (bottom-right causal, zero dead rows).
 
     k and v may have fewer heads than q (grouped-query attention): H_kv divides H.
+
+    Under bfloat16 autocast on the CPU the attention itself runs in float32 and its output is
+    cast back to bfloat16: PyTorch's CPU flash kernel is several times slower in bfloat16
+    than in float32 at a small model's head sizes, forward and backward (benchmarks/README.md,
+    ``train_step.py``), while the projections around it keep autocast's bfloat16 matmuls.
     """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = _sdpa_backend(q.float(), k.float(), v.float(), mask, is_causal, dropout_p)
+        return out.to(torch.bfloat16)
     q_len, k_len = q.shape[-2], k.shape[-2]
     if mask is None and (not is_causal or q_len == k_len):
         # enable_gqa: the kernel shares each key/value head with its query group, no copy.
