@@ -683,7 +683,10 @@ class _DraftModel:
 
     def __init__(self, model: nn.Module, max_len: int, stats: SpeculativeStats) -> None:
         self.model = model
-        self.cache = model.new_cache(batch=1, max_len=max_len)
+        # under inference mode, like the model's own cache (``_start``): ``stream`` builds this
+        # outside it, and a FastLM hands back a cache its warm-up made under it
+        with torch.inference_mode():
+            self.cache = model.new_cache(batch=1, max_len=max_len)
         self.device = model_device(model)
         self.fed: list[int] = []
         self.stats = stats

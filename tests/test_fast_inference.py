@@ -453,6 +453,28 @@ def test_draft_model_speculation_through_compiled_fast_lms():
         fast.draft("fp32")
 
 
+class _Letters:
+    """Just enough of a tokenizer for ``stream``: each id decodes to one letter."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def test_draft_model_streams_after_its_warm_up():
+    """A warm-up (or an earlier generate) makes the draft's cache under inference mode;
+    streaming runs outside it and must still use that cache (``labkit generate --compile
+    --speculative draft-model`` does exactly this)."""
+    model, prompt = _lively(0), torch.tensor([[5, 6, 7, 8, 9, 10]])
+    fast, draft = FastLM(model, draft_tokens=4), FastLM(model, precision="int8")
+    draft.warm_up(1, 32)
+    expected = generate(model, prompt, max_new_tokens=12).new_tokens[0].tolist()
+    options = dict(max_new_tokens=12, speculative="draft-model", draft_model=draft)
+    for _ in range(2):  # the second time the cache comes from the first stream
+        pieces = fast.stream(prompt, _Letters(), draft_tokens=4, **options)
+        text = "".join(pieces)
+        assert pieces.new_tokens == expected and len(text) == 12
+
+
 def test_draft_model_errors():
     model, ids = _tiny("gpt"), torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="needs draft_model="):
