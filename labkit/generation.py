@@ -22,7 +22,9 @@ Each one is a small pure function on a ``(B, V)`` tensor, so a notebook can call
   while the KV cache keeps the past (``use_cache=False`` recomputes the whole sequence each step,
   same tokens, much slower: that is what the cache saves). ``static_cache=True`` pre-allocates
   the cache for prompt + ``max_new_tokens`` and writes it in place (same tokens, fixed shapes:
-  what ``torch.compile`` and ``labkit.inference.FastLM`` need);
+  what ``torch.compile`` and ``labkit.inference.FastLM`` need). With a cache the model is
+  asked for the logits it will use only (``logits_to_keep``: the last position's, 1 + k for a
+  speculative check), so the prompt's other positions skip the LM head, the largest matrix;
 * encoder-decoder (``Transformer``): the source is encoded once and the decoder starts from
   ``decoder_start_id``, with an ``EncoderDecoderCache``.
 
@@ -348,13 +350,16 @@ class _Sequences:
         if draft is not None:
             ids = torch.cat([ids, draft], dim=1)
             mask = torch.cat([mask, torch.ones_like(draft)], dim=1)
-        if self.memory is None:
+        keep = 1 if draft is None else 1 + draft.shape[1]  # the logits used: the last ones
+        if self.memory is None and self.cache is not None:  # a labkit decoder: keep only those
+            out = self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep)
+        elif self.memory is None:
             out = self.model(ids, attention_mask=mask, cache=self.cache)
         else:
             out = self.model.decode(ids, self.memory, src_mask=self.src_mask, cache=self.cache)
         if draft is None:
             return out.logits[:, -1].float()
-        return out.logits[:, -1 - draft.shape[1] :].float()
+        return out.logits[:, -keep:].float()
 
     def keep_cached(self, length: int) -> None:
         """Roll the cache back to its first ``length`` positions (drop rejected drafts)."""
@@ -696,7 +701,7 @@ class _DraftModel:
         ids = torch.tensor([tokens], device=self.device)
         self.fed += tokens
         self.stats.draft_passes += 1
-        return self.model(ids, cache=self.cache).logits[0, -1]
+        return self.model(ids, cache=self.cache, logits_to_keep=1).logits[0, -1]
 
     def __call__(self, tokens: Tensor, n: int) -> Tensor:
         """tokens (L,): the sequence so far -> (n,) draft tokens (empty for n = 0)."""

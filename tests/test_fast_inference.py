@@ -241,6 +241,40 @@ def test_compiled_step_is_traced_once_then_never_again(kind):
     assert spec.speculative.proposed > 0 and _graphs_compiled() == compiled
 
 
+def test_compiled_step_checks_the_cache_and_input_guards_only(monkeypatch):
+    """Dynamo's guards on the model's modules, parameters and buffers are dropped (each call would
+    check them all); those on the ids and the cache stay, so a new cache size compiles a
+    new graph instead of running the old one on it."""
+    kept, dropped = [], []
+    choose = fast_module._cache_and_input_guards
+
+    def spy(model, guards):
+        keep = choose(model, guards)
+        for guard, k in zip(guards, keep, strict=True):
+            (kept if k else dropped).append(guard)
+        return keep
+
+    monkeypatch.setattr(fast_module, "_cache_and_input_guards", spy)
+    model = _tiny("llama")
+    fast = FastLM(model, compile=True, backend="eager")
+    torch._dynamo.reset()
+    fast.warm_up(batch=1, max_len=16)
+    params = {id(t) for t in (*fast.parameters(), *fast.buffers())}
+    assert not any(id(g.value) in params for g in kept if g.guard_type == "TENSOR_MATCH")
+    assert any(id(g.value) in params for g in dropped)  # the weights' guards went
+    with torch.inference_mode():  # as the warm-up made it
+        cache = fast.new_cache(batch=1, max_len=16)
+    cache_tensors = {id(cache.key_mask), id(cache.layers[0].k)}
+    assert cache_tensors <= {id(g.value) for g in kept}
+    assert {"input_ids", "GRAD_MODE"} <= {g.name for g in kept} | {g.guard_type for g in kept}
+    assert len(dropped) > 5 * len(kept)
+    ids = torch.tensor([[3, 4, 5]])
+    expected = generate(model, ids, max_new_tokens=6).new_tokens
+    for batch in (1, 2):  # a second cache size: its own graph, the same tokens
+        out = fast.generate(ids.repeat(batch, 1), max_new_tokens=6).new_tokens
+        assert torch.equal(out, expected.repeat(batch, 1))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_inductor_step_gives_the_reference_tokens(precision):
     """The real compile (inductor's generated kernels) on a one-layer model: the tokens of

@@ -27,7 +27,7 @@ from labkit.generation import (
     top_k_filter,
     top_p_filter,
 )
-from labkit.models.base import CausalLMOutput, check_input_ids
+from labkit.models.base import CausalLMOutput, check_input_ids, last_positions
 from labkit.models.gpt import GPT
 from labkit.models.llama import Llama
 from labkit.models.transformer import Seq2SeqOutput, Transformer
@@ -61,7 +61,7 @@ class TableLM(nn.Module):
         return ModelCache.empty(1)
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, cache=None,
-                need_weights=False) -> CausalLMOutput:  # fmt: skip
+                need_weights=False, logits_to_keep=0) -> CausalLMOutput:  # fmt: skip
         check_input_ids(input_ids, self.config.vocab_size)
         batch, seq = input_ids.shape
         past = 0 if cache is None else cache.seq_len
@@ -73,8 +73,8 @@ class TableLM(nn.Module):
             kv = input_ids[:, None, :, None].float()  # (B, 1, T, 1): only its length matters
             cache.layers[0].update(kv, kv)
         self.calls.append(seq)
-        logits = self.table[input_ids]  # (B, T, V)
-        return CausalLMOutput(logits, logits, None)
+        logits = self.table[last_positions(input_ids[..., None], logits_to_keep)[..., 0]]
+        return CausalLMOutput(logits, logits, None)  # (B, T or logits_to_keep, V)
 
 
 def table_lm(vocab: int, rows: dict[int, dict[int, float]], **kwargs) -> TableLM:
@@ -545,6 +545,37 @@ STRATEGIES = {
     "sampling": {"do_sample": True, "top_k": 20, "seed": 0},
     "beam": {"num_beams": 3, "length_penalty": 0.8},
 }
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_logits_to_keep_gives_the_last_positions_logits(name):
+    torch.manual_seed(0)
+    model = MODELS[name].from_preset("tiny").eval()
+    ids = torch.randint(4, 64, (2, 5))
+    with torch.no_grad():
+        full = model(ids).logits  # (2, 5, V)
+        for keep, expected in ((1, full[:, -1:]), (3, full[:, -3:]), (9, full), (0, full)):
+            assert torch.allclose(model(ids, logits_to_keep=keep).logits, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model(ids, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_asks_for_the_logits_it_uses_only(static):
+    """The prompt's other positions skip the LM head: it sees one row per step, 1 + k rows in
+    a speculative check, never the whole prompt."""
+    torch.manual_seed(0)
+    model = Llama.from_preset("tiny").eval()
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7]])
+    out = generate(model, prompt, max_new_tokens=4, static_cache=static)
+    assert rows == [1, 1, 1, 1]
+    full = generate(model, prompt, max_new_tokens=4, use_cache=False)  # every step, all rows
+    assert torch.equal(out.new_tokens, full.new_tokens)
+    rows.clear()
+    generate(model, prompt, max_new_tokens=4, speculative="prompt-lookup", draft_tokens=3)
+    assert max(rows) == 1 + 3 < prompt.shape[1]  # a check of 3 drafts, the prompt's included
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -44,6 +44,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from labkit import generation
 from labkit.device import bf16_hardware, get_device, model_device
 from labkit.inference.measure import to_bf16
 from labkit.inference.quant import quantize
-from labkit.models.base import CausalLMOutput
+from labkit.models.base import CausalLMOutput, last_positions
 from labkit.nn.cache import StaticCache
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -111,6 +112,24 @@ def convert(
     return quantize(model, precision, group_size=group_size).to(dtype or wanted)
 
 
+def _cache_and_input_guards(model: nn.Module, guards: list[Any]) -> list[bool]:
+    """Which of dynamo's guards the compiled step of ``model`` checks before each call:
+    those on the input ids and the static cache's tensors (shape, stride, dtype, device: a
+    new cache size compiles a new graph) and the global state (grad mode, ...).
+
+    The thousands of guards on the model's modules, parameters and buffers are dropped:
+    each call would check them all (about 2 ms a step for SmolLM2 on a 2-core CPU) to
+    detect changes that never happen, since ``FastLM``'s model is its own converted copy and
+    the compiled step is this instance's only (``isolate_recompiles``). The weights stay
+    inputs of the graph, read at each call.
+    """
+    weights = {id(t) for t in (*model.parameters(), *model.buffers())}
+    return [
+        not guard.name or (guard.guard_type == "TENSOR_MATCH" and id(guard.value) not in weights)
+        for guard in guards
+    ]
+
+
 class FastLM(nn.Module):
     """A decoder-only model prepared for fast decoding (see the module docstring).
 
@@ -126,9 +145,11 @@ class FastLM(nn.Module):
         ``"eager"`` only traces (graph capture and guards without code generation, which is
         how the tests check recompilation quickly).
 
-    Submodule ``model`` is the converted copy. ``forward`` runs it, through the compiled step
-    for one new token per row on the cache ``new_cache`` made; the compiled step treats that
-    token as real (not padding), as generation's tokens after the prompt always are.
+    Submodule ``model`` is the converted copy; the compiled step does not watch it for
+    changes (``_cache_and_input_guards``), so change it only before the first call.
+    ``forward`` runs it, through the compiled step for one new token per row on the cache
+    ``new_cache`` made; the compiled step treats that token as real (not padding), as
+    generation's tokens after the prompt always are.
     """
 
     def __init__(
@@ -164,7 +185,13 @@ class FastLM(nn.Module):
         if compile:
             mode = "reduce-overhead" if self._cuda_graphs and backend == "inductor" else None
             self._step = torch.compile(
-                self._decode, fullgraph=True, dynamic=False, mode=mode, backend=backend
+                self._decode,
+                fullgraph=True,
+                dynamic=False,
+                mode=mode,
+                backend=backend,
+                options={"guard_filter_fn": partial(_cache_and_input_guards, self.model)},
+                isolate_recompiles=True,  # this instance's graphs, not another FastLM's
             )
 
     @property
@@ -210,6 +237,7 @@ class FastLM(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         cache: Any = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutput:
         """The wrapped model's forward, through the compiled step for T <= 1 + draft_tokens
@@ -231,7 +259,13 @@ class FastLM(nn.Module):
             and cache.seq_len > 0
         )
         if not fast:
-            return self.model(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+            return self.model(
+                input_ids,
+                attention_mask=attention_mask,
+                cache=cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         past = cache.seq_len
         width = 1 if seq == 1 else 1 + self.draft_tokens
         # a fresh contiguous (B, width): a column sliced from the growing sequence has a stride
@@ -246,7 +280,7 @@ class FastLM(nn.Module):
             logits, hidden = logits.clone(), hidden.clone()
         if width > seq:
             cache.truncate(past + seq)
-        return CausalLMOutput(logits, hidden, None, None)
+        return CausalLMOutput(last_positions(logits, logits_to_keep), hidden, None, None)
 
     def warm_up(self, batch: int = 1, max_len: int = 256, speculative: bool = False) -> float:
         """Compile the step for this cache size now (a few dummy steps), and with

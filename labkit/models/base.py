@@ -228,6 +228,14 @@ def new_decoder_cache(
     )  # fmt: skip
 
 
+def last_positions(hidden: Tensor, logits_to_keep: int) -> Tensor:
+    """(B, T, D) -> its last ``logits_to_keep`` positions (B, min(logits_to_keep, T), D);
+    0 keeps all T. What a decoder feeds its LM head (``forward(..., logits_to_keep=...)``)."""
+    if logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0 (0: every position), got {logits_to_keep}")
+    return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+
+
 def key_padding_mask(attention_mask: Tensor, k_len: int) -> Tensor:
     """(B, k_len) 1/0 mask -> bool (B, 1, 1, k_len), True = may attend; checks its length."""
     if attention_mask.dim() != 2 or attention_mask.shape[1] != k_len:

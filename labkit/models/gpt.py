@@ -39,6 +39,7 @@ from labkit.models.base import (
     PresetModel,
     causal_lm_inputs,
     copy_weights,
+    last_positions,
     new_decoder_cache,
     run_layers,
 )
@@ -249,8 +250,9 @@ class GPT(nn.Module, PresetModel):
         need_weights: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """Next-token logits for every position.
+        """Next-token logits for every position (or the last ``logits_to_keep``).
 
         Args:
             input_ids: (B, T) token ids.
@@ -266,10 +268,14 @@ class GPT(nn.Module, PresetModel):
             output_attentions: the same as ``need_weights`` (Hugging Face's name).
             output_hidden_states: also return the residual stream entering each layer and
                 the last layer's output, n_layers + 1 tensors (B, T, D).
+            logits_to_keep: the logits of the last this many positions only (0: all), as in
+                Hugging Face; generation's prompt needs only the last one, and the LM head is
+                the largest matrix (``labkit.generation``).
 
         Returns:
-            CausalLMOutput(logits (B, T, V), hidden (B, T, D) after the final norm,
-            attentions: list of n_layers weight tensors, or None, hidden_states or None).
+            CausalLMOutput(logits (B, T, V) or (B, logits_to_keep, V), hidden (B, T, D)
+            after the final norm, attentions: list of n_layers weight tensors, or None,
+            hidden_states or None).
         """
         c = self.config
         # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
@@ -296,7 +302,8 @@ class GPT(nn.Module, PresetModel):
             cache.advance(new_real)
         hidden = self.norm(stack.hidden)  # (B, T, D)
         # attentions: (B, H, T, past + T) per layer
-        return CausalLMOutput(self.lm_head(hidden), hidden, stack.attentions, stack.hidden_states)
+        logits = self.lm_head(last_positions(hidden, logits_to_keep))  # (B, T or logits_to_keep, V)
+        return CausalLMOutput(logits, hidden, stack.attentions, stack.hidden_states)
 
     @classmethod
     def from_hf(cls, hf_model: GPT2LMHeadModel) -> GPT:

@@ -34,6 +34,7 @@ from labkit.models.base import (
     PresetModel,
     causal_lm_inputs,
     copy_weights,
+    last_positions,
     new_decoder_cache,
     run_layers,
 )
@@ -328,8 +329,9 @@ class Llama(nn.Module, PresetModel):
         need_weights: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """Next-token logits for every position.
+        """Next-token logits for every position (or the last ``logits_to_keep``).
 
         Args:
             input_ids: (B, T) token ids.
@@ -344,10 +346,13 @@ class Llama(nn.Module, PresetModel):
             output_attentions: the same as ``need_weights`` (Hugging Face's name).
             output_hidden_states: also return the residual stream entering each layer and
                 the last layer's output, n_layers + 1 tensors (B, T, D).
+            logits_to_keep: the logits of the last this many positions only (0: all), as in
+                Hugging Face; generation's prompt needs only the last one, and the LM head is
+                the largest matrix (``labkit.generation``).
 
         Returns:
-            CausalLMOutput(logits (B, T, V), hidden (B, T, D), attentions list or None,
-            hidden_states list or None).
+            CausalLMOutput(logits (B, T, V) or (B, logits_to_keep, V), hidden (B, T, D),
+            attentions list or None, hidden_states list or None).
         """
         c = self.config
         # checks every input; mask (B, 1, 1, past + T) or None, positions (T,) or (B, T)
@@ -370,7 +375,8 @@ class Llama(nn.Module, PresetModel):
         if static:
             cache.advance(new_real)
         x = self.norm(stack.hidden)  # (B, T, D)
-        return CausalLMOutput(self.lm_head(x), x, stack.attentions, stack.hidden_states)
+        logits = self.lm_head(last_positions(x, logits_to_keep))  # (B, T or logits_to_keep, V)
+        return CausalLMOutput(logits, x, stack.attentions, stack.hidden_states)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> Llama:
